@@ -1,0 +1,300 @@
+"""The `infer` command line: parse, call one library function, render.
+
+Heavy modules (llama_cpp, numpy, huggingface_hub, gguf) are imported inside the commands that
+need them, so `infer --help` stays instant.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import time
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import InferError, describe, human_bytes
+
+app = typer.Typer(
+    name="infer",
+    help="Run, pull and inspect GGUF language models locally, through llama.cpp.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    context_settings={"help_option_names": ["-h", "--help"]},
+    rich_markup_mode=None,
+)
+
+# Option types, defined once and shared by every command (STYLE.md, point 4).
+ModelArg = Annotated[Optional[str], typer.Argument(
+    help="A .gguf path, an alias from models.toml, org/repo, org/repo:QUANT or "
+         "org/repo/file.gguf. Default: the default model in models.toml.", show_default=False)]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")]
+RevisionOpt = Annotated[Optional[str], typer.Option(
+    "--revision", help="Hub branch, tag or commit (default: main).", show_default=False)]
+YesOpt = Annotated[bool, typer.Option("--yes", "-y", help="Do not ask for confirmation.")]
+
+
+def _output(json_mode: bool = False, quiet: bool = False):
+    from .ui import Output
+
+    return Output(json_mode=json_mode, quiet=quiet)
+
+
+# --- run --------------------------------------------------------------------------------------
+
+def _split_run_args(first: str | None, second: str | None) -> tuple[str | None, str | None]:
+    """`infer run MODEL PROMPT`, `infer run MODEL`, or `infer run PROMPT` (default model)."""
+    if second is not None or first is None:
+        return first, second
+    from .registry import load_catalog, parse_ref
+
+    if any(c.isspace() for c in first):
+        return None, first
+    try:
+        parse_ref(first, load_catalog())
+    except InferError:
+        return None, first
+    return first, None
+
+
+@app.command()
+def run(
+    model: Annotated[Optional[str], typer.Argument(
+        help="Model reference (see `infer pull --help`), or the prompt when only one argument "
+             "is given and it is not a model.", show_default=False)] = None,
+    prompt: Annotated[Optional[str], typer.Argument(
+        help="The prompt. Read from stdin when piped.", show_default=False)] = None,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")] = 256,
+    temp: Annotated[float, typer.Option("--temp", help="Sampling temperature; 0 is greedy.")] = 0.8,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed; -1 picks one.")] = -1,
+    ctx: Annotated[Optional[int], typer.Option(
+        "--ctx", help="Context length in tokens (default: models.toml, else 4096).",
+        show_default=False)] = None,
+    threads: Annotated[Optional[int], typer.Option(
+        "--threads", "-t", help="CPU threads (default: llama.cpp's choice).", show_default=False)] = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Plain completion, no chat template.")] = False,
+    revision: RevisionOpt = None,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Generate text from a model, streaming it to stdout."""
+    from . import engine, store
+
+    model, prompt = _split_run_args(model, prompt)
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    if not prompt:
+        raise typer.BadParameter("give a prompt (interactive chat comes with the engine work)",
+                                 param_hint="PROMPT")
+    out = _output(json_mode)
+    with out.transfer() as progress:
+        resolved = store.resolve(model, revision=revision, progress=progress)
+    store.touch(resolved)
+    entry_ctx = resolved.entry.context if resolved.entry else None
+    opts = engine.RunOptions(n_ctx=ctx or entry_ctx or 4096, max_tokens=max_tokens,
+                             temperature=temp, seed=seed, threads=threads, raw=raw)
+    t0 = time.perf_counter()
+    parts: list[str] = []
+    last = None
+    for event in engine.generate(resolved.path, prompt, opts):
+        parts.append(event.text)
+        last = event
+        if not json_mode:
+            sys.stdout.write(event.text)
+            sys.stdout.flush()
+    stats = last.stats if last else engine.Stats()
+    if json_mode:
+        out.json({"model": resolved.name, "path": str(resolved.path), "text": "".join(parts),
+                  "finish_reason": stats.finish_reason, "load_s": stats.load_s,
+                  "generated_tokens": stats.generated_tokens, "decode_tps": stats.decode_tps,
+                  "first_token_s": stats.first_token_s, "wall_s": time.perf_counter() - t0})
+        return
+    sys.stdout.write("\n")
+    out.info(f"[dim]load {stats.load_s:.2f} s · {stats.generated_tokens} tokens · "
+             f"{stats.decode_tps:.1f} tokens/s · finish: {stats.finish_reason}[/]")
+
+
+# --- pull / list / show / rm -----------------------------------------------------------------
+
+@app.command()
+def pull(model: ModelArg = None, revision: RevisionOpt = None, json_mode: JsonOpt = False) -> None:
+    """Download a model into the shared cache (resumable, verified).
+
+    MODEL is an alias from models.toml, org/repo (Q4_K_M or the nearest quant),
+    org/repo:QUANT (case-insensitive), or org/repo/path/file.gguf. Split GGUFs are fetched
+    whole. HF_TOKEN (or `hf auth login`) gives access to gated repos; HF_HUB_OFFLINE=1 uses
+    only what is cached.
+    """
+    from . import store
+
+    out = _output(json_mode)
+    with out.transfer() as progress:
+        resolved = store.pull(model, revision=revision, progress=progress)
+    size = sum(p.stat().st_size for p in resolved.paths)
+    if json_mode:
+        out.json({"model": resolved.name, "source": resolved.source, "size": size,
+                  "paths": [str(p) for p in resolved.paths]})
+    else:
+        out.result(f"{resolved.name}: {human_bytes(size)} at {resolved.path}")
+
+
+def _ago(ts: float | None) -> str:
+    if ts is None:
+        return "never"
+    s = time.time() - ts
+    for unit, n in (("d", 86400), ("h", 3600), ("min", 60)):
+        if s >= n:
+            return f"{int(s // n)} {unit} ago"
+    return "just now"
+
+
+@app.command("list")
+def list_models(
+    aliases: Annotated[bool, typer.Option("--aliases", help="List models.toml's aliases instead.")] = False,
+    json_mode: JsonOpt = False,
+) -> None:
+    """List local models: name, quant, size, parameters, path, last used."""
+    from . import store
+
+    out = _output(json_mode)
+    if aliases:
+        _list_aliases(out, json_mode)
+        return
+    from .gguf_info import quant_label, read_gguf
+
+    rows = []
+    for m in store.list_local():
+        try:
+            info = read_gguf(m.path)
+            quant, params = quant_label(info), info.n_params
+        except InferError:
+            quant, params = "?", None
+        rows.append({"name": m.name, "quant": quant, "size": m.size, "parameters": params,
+                     "path": str(m.path), "source": m.source, "last_used": m.last_used})
+    if json_mode:
+        out.json({"models": rows})
+        return
+    if not rows:
+        out.info("No local models yet. Try `infer pull` (the default model) or `infer run \"hi\"`.")
+        return
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for col in ("NAME", "QUANT", "SIZE", "PARAMS", "LAST USED", "PATH"):
+        table.add_column(col, no_wrap=col != "PATH", overflow="fold")
+    for r in rows:
+        table.add_row(r["name"], r["quant"], human_bytes(r["size"]), _params(r["parameters"]),
+                      _ago(r["last_used"]), r["path"])
+    out.result(table)
+
+
+def _params(n: int | None) -> str:
+    if not n:
+        return "?"
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
+def _list_aliases(out, json_mode: bool) -> None:
+    from .paths import user_models_toml
+    from .registry import load_catalog
+
+    catalog = load_catalog()
+    rows = [{"name": e.name, "default": e.name == catalog.default, "note": e.note,
+             "context": e.context, "draft": e.draft, "hub": e.hub.repo if e.hub else None,
+             "package": list(e.package.wheels) if e.package else None}
+            for e in catalog.entries.values()]
+    if json_mode:
+        out.json({"aliases": rows, "user_models_toml": str(user_models_toml())})
+        return
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for col in ("ALIAS", "SOURCE", "DRAFT", "NOTE"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        source = "package index" if r["package"] else r["hub"]
+        table.add_row(r["name"] + (" (default)" if r["default"] else ""), source, r["draft"] or "",
+                      r["note"])
+    out.result(table)
+    out.info(f"[dim]Your own aliases go in {user_models_toml()}[/]")
+
+
+@app.command()
+def show(model: ModelArg = None, json_mode: JsonOpt = False) -> None:
+    """Show what a model's GGUF header says: architecture, size, attention, vocabulary, quant."""
+    from . import store
+    from .gguf_info import read_gguf, read_split, summary
+
+    out = _output(json_mode)
+    resolved = store.resolve(model, download=False)
+    info = read_gguf(resolved.path) if len(resolved.paths) == 1 else read_split([str(p) for p in resolved.paths])
+    facts = {"model": resolved.name, **summary(info)}
+    if json_mode:
+        out.json(facts)
+        return
+    from rich.table import Table
+
+    table = Table(box=None, show_header=False, pad_edge=False)
+    table.add_column(style="bold")
+    table.add_column(overflow="fold")
+    for key, value in facts.items():
+        if isinstance(value, int) and ("bytes" in key or key.endswith("size")) and key != "vocab_size":
+            value = f"{human_bytes(value)} ({value:,} bytes)"
+        elif isinstance(value, float):
+            value = f"{value:.2f}"
+        table.add_row(key.replace("_", " "), "—" if value is None else str(value))
+    out.result(table)
+
+
+@app.command()
+def rm(model: Annotated[str, typer.Argument(help="The model to remove (see `infer list`).")],
+       yes: YesOpt = False, json_mode: JsonOpt = False) -> None:
+    """Delete a downloaded model and free its space (files of your own are only forgotten)."""
+    from . import store
+
+    out = _output(json_mode)
+    resolved = store.plan_remove(model)
+    size = sum(p.stat().st_size for p in resolved.paths if p.exists())
+    if not yes and resolved.source != "local":
+        if not sys.stdin.isatty():
+            raise typer.BadParameter("not a terminal: pass --yes to delete without asking",
+                                     param_hint="--yes")
+        if not typer.confirm(f"Delete {resolved.name} ({human_bytes(size)})?", err=True):
+            raise typer.Exit(1)
+    removal = store.remove(resolved)
+    if json_mode:
+        out.json({"model": removal.name, "deleted": removal.deleted, "freed": removal.freed,
+                  "paths": [str(p) for p in removal.paths]})
+    elif removal.deleted:
+        out.result(f"Deleted {removal.name}: {human_bytes(removal.freed)} freed")
+    else:
+        out.result(f"Forgot {removal.name}; the file itself stays where it is.")
+
+
+# --- entry point ------------------------------------------------------------------------------
+
+def main(argv: list[str] | None = None) -> None:
+    """Console entry point: typed errors become `Error: ...` plus a hint and an exit code."""
+    import click
+
+    debug = bool(os.environ.get("INFER_DEBUG"))
+    try:
+        rc = app(args=argv, standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
+    except InferError as err:
+        if debug:
+            raise
+        r = describe(err)
+        _output().error(r.message, r.hint)
+        sys.exit(r.exit_code)
+    except click.exceptions.Exit as e:
+        sys.exit(e.exit_code)
+    except click.ClickException as e:
+        e.show()
+        sys.exit(e.exit_code)
+    except (click.exceptions.Abort, KeyboardInterrupt):
+        sys.stderr.write("\nInterrupted.\n")
+        sys.exit(130)
+    except BrokenPipeError:
+        # `infer ... | head`: the reader left; nothing more to say.
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        sys.exit(141)
