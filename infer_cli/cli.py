@@ -236,13 +236,39 @@ def show(model: ModelArg = None, json_mode: JsonOpt = False) -> None:
     table = Table(box=None, show_header=False, pad_edge=False)
     table.add_column(style="bold")
     table.add_column(overflow="fold")
-    for key, value in facts.items():
-        if isinstance(value, int) and ("bytes" in key or key.endswith("size")) and key != "vocab_size":
-            value = f"{human_bytes(value)} ({value:,} bytes)"
-        elif isinstance(value, float):
-            value = f"{value:.2f}"
-        table.add_row(key.replace("_", " "), "—" if value is None else str(value))
+    for label, value in _show_rows(facts):
+        table.add_row(label, value)
     out.result(table)
+
+
+def _show_rows(f: dict) -> list[tuple[str, str]]:
+    """The header facts a person asks about, in the order they ask; --json has everything."""
+    def opt(v) -> str:
+        return "none" if v in (None, "") else str(v)
+
+    heads = f"{f['head_count']} query, {f['head_count_kv']} key/value"
+    if f["head_count"] and f["head_count_kv"] and f["head_count"] != f["head_count_kv"]:
+        heads += f" (grouped-query, {f['head_count'] // f['head_count_kv']} per group)"
+    template = f["chat_template"]
+    bpw = f["bits_per_weight"]
+    return [
+        ("model", f["model"]),
+        ("architecture", opt(f["architecture"])),
+        ("name", opt(f["name"])),
+        ("parameters", f"{_params(f['n_params'])} ({f['n_params']:,})"),
+        ("quantization", f"{f['quant']}, {bpw:.2f} bits per weight" if bpw else f["quant"]),
+        ("file size", f"{human_bytes(f['file_size'])} ({f['file_size']:,} bytes)"),
+        ("layers", opt(f["block_count"])),
+        ("attention heads", heads),
+        ("head size", f"{opt(f['key_length'])} (key), {opt(f['value_length'])} (value)"),
+        ("embedding", opt(f["embedding_length"])),
+        ("sliding window", opt(f["sliding_window"])),
+        ("training context", opt(f["context_length"])),
+        ("vocabulary", f"{opt(f['vocab_size'])} tokens ({opt(f['tokenizer_model'])})"),
+        ("chat template", f"yes ({len(template)} characters)" if template else "no"),
+        ("license", opt(f["license"])),
+        ("path", "\n".join(f["paths"])),
+    ]
 
 
 @app.command()
@@ -274,11 +300,11 @@ def rm(model: Annotated[str, typer.Argument(help="The model to remove (see `infe
 
 def main(argv: list[str] | None = None) -> None:
     """Console entry point: typed errors become `Error: ...` plus a hint and an exit code."""
-    import click
-
+    # Typer may carry its own copy of click: take the exception classes from Typer itself.
+    click_error = next(c for c in typer.BadParameter.__mro__ if c.__name__ == "ClickException")
     debug = bool(os.environ.get("INFER_DEBUG"))
     try:
-        rc = app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False, prog_name="infer")
         sys.exit(rc if isinstance(rc, int) else 0)
     except InferError as err:
         if debug:
@@ -286,12 +312,12 @@ def main(argv: list[str] | None = None) -> None:
         r = describe(err)
         _output().error(r.message, r.hint)
         sys.exit(r.exit_code)
-    except click.exceptions.Exit as e:
+    except typer.Exit as e:
         sys.exit(e.exit_code)
-    except click.ClickException as e:
+    except click_error as e:
         e.show()
         sys.exit(e.exit_code)
-    except (click.exceptions.Abort, KeyboardInterrupt):
+    except (typer.Abort, KeyboardInterrupt):
         sys.stderr.write("\nInterrupted.\n")
         sys.exit(130)
     except BrokenPipeError:

@@ -52,6 +52,9 @@ def load(path: Path, opts: RunOptions):
     """Open ``path`` in llama.cpp; a file it refuses becomes ModelLoadFailed."""
     from llama_cpp import Llama
 
+    from .gguf_info import read_gguf
+
+    read_gguf(path)  # a bad file gets a clear error here, not a crash inside llama.cpp
     verbose = bool(os.environ.get("INFER_DEBUG"))
     try:
         return Llama(model_path=str(path), n_ctx=opts.n_ctx, n_threads=opts.threads,

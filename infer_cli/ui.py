@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from typing import Any, Iterator
 
 from rich.console import Console
+from rich.markup import escape
 
 
 class Output:
@@ -20,7 +21,7 @@ class Output:
         self.json_mode = json_mode
         self.quiet = quiet
         self.out = Console(highlight=False, soft_wrap=True)
-        self.err = Console(stderr=True, highlight=False)
+        self.err = Console(stderr=True, highlight=False, soft_wrap=True)
 
     def result(self, renderable: Any) -> None:
         """A human result on stdout (a table, a line); skipped in JSON mode."""
@@ -36,12 +37,13 @@ class Output:
             self.err.print(message)
 
     def warn(self, message: str) -> None:
-        self.err.print(f"[yellow]Warning:[/] {message}")
+        self.err.print(f"[yellow]Warning:[/] {escape(message)}")
 
     def error(self, message: str, hint: str = "") -> None:
-        self.err.print(f"[bold red]Error:[/] {message}", markup=True, highlight=False)
+        # Messages carry paths and model names: escaped, so '[' in them is not markup.
+        self.err.print(f"[bold red]Error:[/] {escape(message)}")
         if hint:
-            self.err.print(f"[dim]{hint}[/]")
+            self.err.print(f"[dim]{escape(hint)}[/]")
 
     @contextmanager
     def transfer(self) -> Iterator:

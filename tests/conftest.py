@@ -12,6 +12,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.hubserver import hub  # noqa: F401  (the fake hub fixture)
+
 ROOT = Path(__file__).resolve().parent.parent
 TEST_HOME = ROOT / ".cache" / "test-home"
 

@@ -77,3 +77,56 @@ def test_unknown_model_is_one_line_and_exit_3(infer):
 def test_debug_env_shows_the_traceback(infer):
     proc = infer("show", "no-such-alias", env={"INFER_DEBUG": "1"})
     assert proc.returncode != 0 and "Traceback" in proc.stderr
+
+
+@pytest.mark.parametrize("make", [
+    lambda src: src.read_bytes()[:1000],                      # truncated in the key/values
+    lambda src: src.read_bytes()[:3 << 20],                   # truncated in the weights
+    lambda src: bytes(range(256)) * 64,                       # not GGUF at all
+])
+@pytest.mark.parametrize("command", [["show"], ["run", "--temp", "0"]])
+def test_bad_gguf_is_one_clean_line(infer, tmp_path, smollm2_gguf, make, command):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(make(smollm2_gguf))
+    args = [*command[:1], str(bad), *(["hello"] if command[0] == "run" else []), *command[1:]]
+    t0 = time.perf_counter()
+    proc = infer(*args)
+    assert time.perf_counter() - t0 < 5
+    assert proc.returncode == 65, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert lines[0].startswith(f"Error: {bad} is not a usable GGUF file")
+    assert len(lines) == 2 and "Traceback" not in proc.stderr  # the message and its hint
+    assert proc.stdout == ""
+    assert bad.exists()  # never deletes a file of the user's
+
+
+def test_show_json_has_the_header_facts(infer, gemma3_gguf):
+    proc = infer("show", str(gemma3_gguf), "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["architecture"] == "gemma3" and doc["sliding_window"] == 512
+    assert doc["vocab_size"] == 262144 and doc["quant"] == "Q4_K_M" and doc["block_count"] == 18
+
+
+def test_list_and_rm_a_store_model(infer, smollm2_in_home):
+    listed = json.loads(infer("list", "--json").stdout)["models"]
+    assert [(m["name"], m["quant"], m["parameters"]) for m in listed] == [("smollm2", "Q4_1", 134515008)]
+    refused = infer("rm", "smollm2")  # no terminal and no --yes: refuse rather than guess
+    assert refused.returncode == 2 and smollm2_in_home.exists()
+    proc = infer("rm", "smollm2", "--yes", "--json")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["deleted"] and doc["freed"] == 98362432
+    assert not smollm2_in_home.exists()
+    assert json.loads(infer("list", "--json").stdout)["models"] == []
+    assert infer("rm", "smollm2", "--yes").returncode == 3
+
+
+def test_rm_of_a_local_file_only_forgets_it(infer, smollm2_gguf, tmp_path):
+    mine = tmp_path / "mine.gguf"
+    os.link(smollm2_gguf, mine)
+    assert infer("run", str(mine), "hi", "-n", "2").returncode == 0
+    assert [m["path"] for m in json.loads(infer("list", "--json").stdout)["models"]] == [str(mine)]
+    proc = infer("rm", str(mine))
+    assert proc.returncode == 0 and "stays" in proc.stdout and mine.exists()
+    assert json.loads(infer("list", "--json").stdout)["models"] == []
