@@ -20,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import ChecksumMismatch, ModelNotFound, NotEnoughDisk, PackageSourceFailed, QuantNotFound
+from .errors import ChecksumMismatch, ModelNotFound, NotCachedOffline, NotEnoughDisk, PackageSourceFailed, QuantNotFound
 from .paths import state_file, store_dir
 from .registry import AliasRef, Catalog, HubRef, LocalRef, ModelEntry, PackageSource, load_catalog, parse_ref
 
@@ -153,6 +153,8 @@ def _resolve_hub(ref: HubRef, *, revision: str | None, download: bool,
     sel = hub.find_cached(ref.repo_id, quant=ref.quant, filename=ref.filename, revision=revision)
     if sel is not None:
         return sel, ref.repo_id
+    if hub.offline():
+        raise NotCachedOffline(_hub_label(ref))
     if not download:
         raise ModelNotFound(_hub_label(ref), f"not downloaded yet: run `infer pull {_hub_label(ref)}`")
     selection = hub.select(ref.repo_id, quant=ref.quant, filename=ref.filename, revision=revision)
@@ -206,9 +208,6 @@ def pull(text: str | None, *, catalog: Catalog | None = None, revision: str | No
         label, entry = _hub_label(ref), None
     else:
         return resolve(text, catalog=catalog)
-    if hub.offline():
-        paths, repo = _resolve_hub(ref, revision=revision, download=False, progress=progress)
-        return Resolved(label, paths, "hub", entry, repo)
     selection = hub.select(ref.repo_id, quant=ref.quant, filename=ref.filename, revision=revision)
     paths = tuple(hub.pull(selection, progress=progress))
     return Resolved(label, paths, "hub", entry, ref.repo_id)
