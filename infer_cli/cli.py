@@ -63,54 +63,88 @@ def run(
         help="Model reference (see `infer pull --help`), or the prompt when only one argument "
              "is given and it is not a model.", show_default=False)] = None,
     prompt: Annotated[Optional[str], typer.Argument(
-        help="The prompt. Read from stdin when piped.", show_default=False)] = None,
-    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate.")] = 256,
-    temp: Annotated[float, typer.Option("--temp", help="Sampling temperature; 0 is greedy.")] = 0.8,
-    seed: Annotated[int, typer.Option("--seed", help="Random seed; -1 picks one.")] = -1,
-    ctx: Annotated[Optional[int], typer.Option(
-        "--ctx", help="Context length in tokens (default: models.toml, else 4096).",
+        help="The prompt. Read from stdin when piped; without one, an interactive chat.",
         show_default=False)] = None,
-    threads: Annotated[Optional[int], typer.Option(
-        "--threads", "-t", help="CPU threads (default: llama.cpp's choice).", show_default=False)] = None,
+    system: Annotated[Optional[str], typer.Option("--system", help="A system prompt.", show_default=False)] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Plain completion, no chat template.")] = False,
+    max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate; -1: until the model stops or the context is full.")] = -1,
+    temp: Annotated[float, typer.Option("--temp", help="Sampling temperature; 0 is greedy.")] = 0.8,
+    top_k: Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens; 0 turns it off.")] = 40,
+    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling; 1 turns it off.")] = 0.95,
+    min_p: Annotated[float, typer.Option("--min-p", help="Drop tokens below this share of the best one's probability.")] = 0.05,
+    repeat_penalty: Annotated[float, typer.Option("--repeat-penalty", help="Penalty for repeating recent tokens (Ollama's default); 1 turns it off.")] = 1.1,
+    repeat_last_n: Annotated[int, typer.Option("--repeat-last-n", help="How many recent tokens the penalty looks at.")] = 64,
+    seed: Annotated[int, typer.Option("--seed", help="Random seed; -1 picks one.")] = -1,
+    stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this text appears (repeatable).", show_default=False)] = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past the end-of-text token.")] = False,
+    ctx: Annotated[Optional[int], typer.Option(
+        "--ctx", "-c", help="Context length in tokens (default: models.toml, else the smaller of "
+        "the training context and 4096).", show_default=False)] = None,
+    truncate: Annotated[bool, typer.Option("--truncate", help="Keep the end of a prompt longer than the context instead of refusing it.")] = False,
+    cache_type_k: Annotated[str, typer.Option("--cache-type-k", help="KV cache type for keys: f16, q8_0, q4_0, ...")] = "f16",
+    cache_type_v: Annotated[str, typer.Option("--cache-type-v", help="KV cache type for values; quantized types need flash attention.")] = "f16",
+    flash_attn: Annotated[str, typer.Option("--flash-attn", help="auto, on or off.")] = "auto",
+    swa_full: Annotated[bool, typer.Option("--swa-full", help="Full-size cache for sliding-window layers (more memory).")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads (default: the physical cores).", show_default=False)] = None,
+    batch: Annotated[int, typer.Option("--batch", help="Logical batch size for the prompt.")] = 2048,
+    ubatch: Annotated[int, typer.Option("--ubatch", help="Physical batch size (a memory knob: compute buffers scale with it).")] = 512,
+    gpu_layers: Annotated[str, typer.Option("--gpu-layers", help="Layers to offload to the GPU: a number, or auto.")] = "auto",
+    mlock: Annotated[bool, typer.Option("--mlock", help="Lock the weights in RAM.")] = False,
+    no_mmap: Annotated[bool, typer.Option("--no-mmap", help="Read the weights into memory instead of mapping the file.")] = False,
+    no_prompt_cache: Annotated[bool, typer.Option("--no-prompt-cache", help="Do not reuse or save prompt KV state on disk.")] = False,
     revision: RevisionOpt = None,
     json_mode: JsonOpt = False,
 ) -> None:
-    """Generate text from a model, streaming it to stdout."""
-    from . import engine, store
+    """Generate text from a model, streaming it to stdout; statistics go to stderr."""
+    from . import cli_run, engine, store
 
     model, prompt = _split_run_args(model, prompt)
     if prompt is None and not sys.stdin.isatty():
         prompt = sys.stdin.read()
-    if not prompt:
-        raise typer.BadParameter("give a prompt (interactive chat comes with the engine work)",
-                                 param_hint="PROMPT")
+    if prompt is None and json_mode:
+        raise typer.BadParameter("--json needs a prompt", param_hint="PROMPT")
     out = _output(json_mode)
     with out.transfer() as progress:
         resolved = store.resolve(model, revision=revision, progress=progress)
     store.touch(resolved)
-    entry_ctx = resolved.entry.context if resolved.entry else None
-    opts = engine.RunOptions(n_ctx=ctx or entry_ctx or 4096, max_tokens=max_tokens,
-                             temperature=temp, seed=seed, threads=threads, raw=raw)
-    t0 = time.perf_counter()
-    parts: list[str] = []
-    last = None
-    for event in engine.generate(resolved.path, prompt, opts):
-        parts.append(event.text)
-        last = event
-        if not json_mode:
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
-    stats = last.stats if last else engine.Stats()
-    if json_mode:
-        out.json({"model": resolved.name, "path": str(resolved.path), "text": "".join(parts),
-                  "finish_reason": stats.finish_reason, "load_s": stats.load_s,
-                  "generated_tokens": stats.generated_tokens, "decode_tps": stats.decode_tps,
-                  "first_token_s": stats.first_token_s, "wall_s": time.perf_counter() - t0})
-        return
-    sys.stdout.write("\n")
-    out.info(f"[dim]load {stats.load_s:.2f} s · {stats.generated_tokens} tokens · "
-             f"{stats.decode_tps:.1f} tokens/s · finish: {stats.finish_reason}[/]")
+    opts = engine.EngineOptions(
+        n_ctx=ctx or _default_ctx(resolved), n_batch=batch, n_ubatch=ubatch, threads=threads,
+        cache_type_k=cache_type_k.lower(), cache_type_v=cache_type_v.lower(),
+        flash_attn=flash_attn.lower(), gpu_layers=_gpu_layers(gpu_layers), mlock=mlock,
+        mmap=not no_mmap, swa_full=swa_full)
+    opts.check()
+    sampling = engine.Sampling(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
+                               repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
+    settings = cli_run.RunSettings(system, raw, max_tokens, tuple(stop or ()), ignore_eos,
+                                   truncate, not no_prompt_cache, sampling)
+    runner = cli_run.Runner(resolved, opts, settings)
+    if prompt is None:
+        raise typer.Exit(cli_run.interactive(runner, out))
+    raise typer.Exit(cli_run.one_shot(runner, prompt, out, json_mode=json_mode, resolved=resolved))
+
+
+def _default_ctx(resolved) -> int:
+    if resolved.entry and resolved.entry.context:
+        return resolved.entry.context
+    from .gguf_info import read_gguf
+
+    trained = read_gguf(resolved.path).context_length
+    return min(trained, 4096) if trained else 4096
+
+
+def _gpu_layers(value: str) -> int:
+    if value.strip().lower() == "auto":
+        import llama_cpp
+
+        # Until the fit plan chooses (see `infer fit`): everything when a GPU build is present.
+        return 999 if llama_cpp.llama_supports_gpu_offload() else 0
+    try:
+        n = int(value)
+    except ValueError:
+        raise typer.BadParameter(f"'{value}' is not a number or auto", param_hint="--gpu-layers") from None
+    if n < 0:
+        return 999
+    return n
 
 
 # --- pull / list / show / rm -----------------------------------------------------------------

@@ -107,6 +107,38 @@ class NotOwned(InferError):
         self.path = path
 
 
+class BadOption(InferError):
+    def __init__(self, option: str, value: str, expected: str):
+        super().__init__(f"{option} {value} is not accepted: expected {expected}")
+        self.option, self.value, self.expected = option, value, expected
+
+
+class PromptTooLong(InferError):
+    def __init__(self, n_prompt: int, n_ctx: int, reason: str = ""):
+        super().__init__(reason or f"the prompt is {n_prompt} tokens but the context holds {n_ctx}")
+        self.n_prompt, self.n_ctx = n_prompt, n_ctx
+
+
+class ContextOverflow(InferError):
+    def __init__(self, needed: int, n_ctx: int):
+        super().__init__(f"llama.cpp found no room in the KV cache for {needed} tokens (context {n_ctx})")
+        self.needed, self.n_ctx = needed, n_ctx
+
+
+class TemplateFailed(InferError):
+    def __init__(self, reason: str):
+        super().__init__(f"the model's chat template failed: {reason}")
+        self.reason = reason
+
+
+def _next_ctx(n: int) -> int:
+    """The next power of two above n plus room for an answer."""
+    size = 512
+    while size < n + 256:
+        size *= 2
+    return size
+
+
 @dataclass(frozen=True)
 class Rendering:
     message: str
@@ -136,6 +168,11 @@ _TABLE: dict[type[InferError], tuple[int, Callable]] = {
                           f"--no-deps {e.package}`)."),
     ModelLoadFailed: (65, lambda e: "Run `infer show MODEL` to check the file; INFER_DEBUG=1 shows "
                       "llama.cpp's log."),
+    BadOption: (2, lambda e: "See `infer run --help` for the accepted values."),
+    PromptTooLong: (2, lambda e: f"Raise the context (--ctx {_next_ctx(e.n_prompt)}) or keep the end of "
+                    "the prompt with --truncate." if e.n_prompt else "Give a prompt."),
+    ContextOverflow: (2, lambda e: "Raise --ctx or lower --batch."),
+    TemplateFailed: (65, lambda e: "Use --raw for plain completion without the template."),
     NotOwned: (1, lambda e: "Delete it yourself if you mean to; `infer rm` only forgets it."),
 }
 

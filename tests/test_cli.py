@@ -58,7 +58,7 @@ def test_run_json_is_one_document(infer, smollm2_in_home):
     proc = infer("run", "smollm2", "Say hi.", "-n", "8", "--temp", "0", "--json")
     assert proc.returncode == 0, proc.stderr
     doc = json.loads(proc.stdout)
-    assert doc["model"] == "smollm2" and doc["generated_tokens"] > 0 and doc["text"]
+    assert doc["model"] == "smollm2" and doc["stats"]["generated_tokens"] > 0 and doc["text"]
 
 
 def test_greedy_run_is_reproducible(infer, smollm2_in_home):
