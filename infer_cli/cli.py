@@ -330,6 +330,55 @@ def rm(model: Annotated[str, typer.Argument(help="The model to remove (see `infe
         out.result(f"Forgot {removal.name}; the file itself stays where it is.")
 
 
+# --- cache ----------------------------------------------------------------------------------
+
+cache_app = typer.Typer(help="The prompt cache: saved KV state of prompt prefixes, reused across runs.",
+                        no_args_is_help=True)
+app.add_typer(cache_app, name="cache")
+
+
+@cache_app.command("list")
+def cache_list(json_mode: JsonOpt = False) -> None:
+    """List saved prompt prefixes: model, tokens, size, last used."""
+    from . import prompt_cache
+
+    out = _output(json_mode)
+    rows = prompt_cache.listing()
+    if json_mode:
+        out.json({"entries": rows, "folder": str(prompt_cache.cache_root()),
+                  "limit_bytes": prompt_cache.max_bytes()})
+        return
+    if not rows:
+        out.info("The prompt cache is empty.")
+        return
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    for col in ("MODEL", "TOKENS", "SIZE", "LAST USED", "KV"):
+        table.add_column(col, overflow="fold")
+    for r in rows:
+        kv = r["settings"] or {}
+        table.add_row(str(r["model"]), str(r["tokens"]), human_bytes(r["size"]), _ago(r["last_used"]),
+                      f"ctx {kv.get('n_ctx')}, K {kv.get('type_k')}, V {kv.get('type_v')}")
+    out.result(table)
+    total = sum(r["size"] for r in rows)
+    out.info(f"[dim]{len(rows)} entries, {human_bytes(total)} of {human_bytes(prompt_cache.max_bytes())} "
+             f"(INFER_PROMPT_CACHE_MAX) in {prompt_cache.cache_root()}[/]")
+
+
+@cache_app.command("clear")
+def cache_clear(json_mode: JsonOpt = False) -> None:
+    """Delete every saved prompt prefix."""
+    from . import prompt_cache
+
+    out = _output(json_mode)
+    n, freed = prompt_cache.clear()
+    if json_mode:
+        out.json({"removed": n, "freed": freed})
+    else:
+        out.result(f"Removed {n} entries, {human_bytes(freed)} freed.")
+
+
 # --- entry point ------------------------------------------------------------------------------
 
 def main(argv: list[str] | None = None) -> None:

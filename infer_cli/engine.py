@@ -123,6 +123,15 @@ class Event:
     finish_reason: str | None = None  # stop | length | interrupted
 
 
+def _prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
@@ -254,6 +263,8 @@ class Session:
         self._one = (L.llama_token * 1)()
         self._one_batch = L.llama_batch_get_one(self._one, 1)
         self.can_trim = model.n_swa == 0  # a sliding-window cache forgets; no partial reuse
+        # llama.cpp may lower the batch sizes (never above n_ctx): use what it settled on.
+        self.align = min(L.llama_n_ubatch(self.ptr), L.llama_n_batch(self.ptr))
 
     # KV bookkeeping ------------------------------------------------------------------------
 
@@ -275,17 +286,23 @@ class Session:
     # decoding ------------------------------------------------------------------------------
 
     def decode(self, tokens: Sequence[int]) -> None:
-        """Feed ``tokens`` after what is cached, in n_batch chunks; logits of the last one."""
+        """Feed ``tokens`` after what is cached; logits of the last one.
+
+        Chunks end on multiples of n_ubatch counted from position 0, so a token's KV is computed
+        in the same batch whether the prefix before it came from a cache or not: llama.cpp's
+        kernels depend on the batch shape, and this keeps greedy output identical either way."""
         L = self.L
-        step = self.opts.n_batch
-        for i in range(0, len(tokens), step):
-            chunk = tokens[i:i + step]
-            arr = (L.llama_token * len(chunk))(*chunk)
-            rc = L.llama_decode(self.ptr, L.llama_batch_get_one(arr, len(chunk)))
+        pos, i = len(self.tokens), 0
+        while i < len(tokens):
+            n = min(self.align - (pos + i) % self.align, len(tokens) - i)
+            chunk = tokens[i:i + n]
+            arr = (L.llama_token * n)(*chunk)
+            rc = L.llama_decode(self.ptr, L.llama_batch_get_one(arr, n))
             if rc != 0:
-                raise ContextOverflow(len(self.tokens) + i + len(chunk), self.n_ctx) if rc == 1 \
+                raise ContextOverflow(pos + i + n, self.n_ctx) if rc == 1 \
                     else ModelLoadFailed(str(self.model.path), f"llama_decode returned {rc}")
             self.tokens.extend(chunk)
+            i += n
 
     def decode_one(self, token: int) -> None:
         self._one[0] = token
@@ -294,34 +311,36 @@ class Session:
             raise ContextOverflow(len(self.tokens) + 1, self.n_ctx)
         self.tokens.append(token)
 
-    def common_prefix(self, tokens: Sequence[int]) -> int:
-        n = 0
-        for a, b in zip(self.tokens, tokens):
-            if a != b:
-                break
-            n += 1
-        return n
+    def reusable(self, cached: Sequence[int], tokens: Sequence[int]) -> int:
+        """How many leading ``tokens`` a cache holding ``cached`` can serve as they are.
+
+        All of them if ``cached`` covers them; otherwise the common prefix rounded down to a
+        chunk boundary (see ``decode``). Zero when that would mean cutting a sliding-window cache."""
+        common = _prefix_len(cached, tokens)
+        keep = common if common == len(tokens) else common - common % self.align
+        if keep < len(cached) and not self.can_trim:
+            return 0
+        return keep
 
     def extend(self, tokens: Sequence[int]) -> int:
-        """Make the cache hold exactly ``tokens``, reusing the common prefix; returns its length."""
-        reuse = self.common_prefix(tokens)
-        if not self.trim(reuse):
+        """Make the cache hold exactly ``tokens``, reusing what it can; returns how many it reused."""
+        keep = self.reusable(self.tokens, tokens)
+        if not self.trim(keep):
             self.clear()
-            reuse = 0
-        if reuse < len(tokens):
-            self.decode(tokens[reuse:])
-        return reuse
+            keep = 0
+        self.decode(tokens[keep:])
+        return keep
 
     def prefill(self, tokens: Sequence[int]) -> int:
-        """Make the cache hold ``tokens`` with logits for the last; returns how many were reused."""
+        """The prompt's KV with logits for its last token; returns how many tokens were reused.
+
+        The last token always gets a decode call of its own: then a prompt restored from the
+        prompt cache (which stores the state before it) computes exactly what a fresh one does."""
         if not tokens:
             raise PromptTooLong(0, self.n_ctx, "the prompt is empty")
-        reuse = min(self.common_prefix(tokens), len(tokens) - 1)  # the last one must be decoded
-        if not self.trim(reuse):
-            self.clear()
-            reuse = 0
-        self.decode(tokens[reuse:])
-        return reuse
+        reused = self.extend(tokens[:-1])
+        self.decode_one(tokens[-1])
+        return reused
 
     # state, for the prompt cache -----------------------------------------------------------
 
@@ -470,13 +489,13 @@ def stream(session: Session, req: Request, *, stats: Stats | None = None,
             stats.cached_tokens = session.prefill(tokens)
         else:
             # The cache keeps the state *before* the last prompt token: a later run restores it
-            # and decodes that one token for its logits, with no need to cut the cache back.
+            # and decodes that one token for its logits, as `prefill` does.
             head = tokens[:-1]
             stats.prompt_cache = prompt_cache.restore(session, head, stats.notes)
             stats.cached_tokens = session.extend(head)
             if stats.cached_tokens < len(head):
                 prompt_cache.save(session)
-            session.decode(tokens[-1:])
+            session.decode_one(tokens[-1])
         stats.prefill_s = time.perf_counter() - t0
         t_first = None
         while True:

@@ -95,15 +95,6 @@ def read_header(path: Path) -> Entry:
     return Entry(path, header, len(MAGIC) + 4 + n)
 
 
-def _prefix_len(a: list[int], b: list[int]) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 class PromptCache:
     """The cache for one model file and one set of KV settings."""
 
@@ -140,16 +131,14 @@ class PromptCache:
             yield entry
 
     def restore(self, session, tokens: list[int], notes: list[str]) -> str:
-        """Load the saved state sharing the longest prefix with ``tokens``: 'hit' or 'miss'."""
-        best, best_len = None, 0
+        """Load the saved state that serves most of ``tokens``: 'hit' or 'miss'."""
+        best, best_keep = None, 0
         for entry in self._entries(notes):
-            common = _prefix_len(entry.tokens, tokens)
-            usable = common == len(entry.tokens) or (session.can_trim and common >= MIN_TOKENS)
-            if usable and common > best_len:
-                best, best_len = entry, common
-        if best is None or best_len <= len(session.tokens) and \
-                _prefix_len(session.tokens, tokens) >= best_len:
-            return "miss"
+            keep = session.reusable(entry.tokens, tokens)
+            if keep >= MIN_TOKENS and keep > best_keep:
+                best, best_keep = entry, keep
+        if best is None or best_keep <= session.reusable(session.tokens, tokens):
+            return "miss"  # what the session already holds is as good
         data = self._state(best, notes)
         if data is None:
             return "miss"
@@ -157,7 +146,7 @@ class PromptCache:
             notes.append(f"prompt cache: llama.cpp refused {best.path.name}; recomputing")
             _unlink(best.path)
             return "miss"
-        session.trim(best_len)
+        session.trim(best_keep)
         os.utime(best.path)  # least recently used goes first
         return "hit"
 

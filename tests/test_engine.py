@@ -1,0 +1,234 @@
+"""The engine on the real test models: determinism, the prompt cache, stops, limits, KV options."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from infer_cli import engine, prompt_cache
+from infer_cli.chat import render
+from infer_cli.errors import BadOption, PromptTooLong
+
+GREEDY = engine.Sampling(temperature=0, repeat_penalty=1.0)
+DOC = ("The lighthouse keeper kept a log of every ship that passed the point. " * 40).strip()
+
+
+@pytest.fixture(scope="module")
+def smol(smollm2_gguf):
+    model = engine.Model(smollm2_gguf, engine.EngineOptions())
+    yield model
+    model.close()
+
+
+def _session(model, **kw):
+    return engine.Session(model, engine.EngineOptions(n_ctx=kw.pop("n_ctx", 2048), **kw))
+
+
+def _generate(session, tokens, *, n=24, cache=None, sampling=GREEDY, stop=()):
+    req = engine.Request(tuple(tokens), sampling, n, tuple(stop))
+    events = list(engine.stream(session, req, prompt_cache=cache))
+    return [e.token for e in events if e.token is not None], "".join(e.text for e in events), events[-1]
+
+
+def _cache(model, path, root, **settings):
+    ident = prompt_cache.model_identity(path, model.info.data_offset)
+    return prompt_cache.PromptCache(path, ident, {"n_ctx": 2048, **settings}, root=root)
+
+
+def test_greedy_is_deterministic_across_sessions(smol):
+    tokens = smol.tokenize("Once upon a time, in a quiet village,")
+    a, text_a, last = _generate(_session(smol), tokens)
+    b, text_b, _ = _generate(_session(smol), tokens)
+    assert a == b and len(a) == 24 and text_a == text_b
+    assert last.finish_reason == "length" and last.stats.decode_tps > 0
+
+
+def test_warm_prompt_cache_gives_the_same_tokens(smol, smollm2_gguf, tmp_path):
+    tokens = smol.tokenize(f"{DOC}\nQuestion: what did the keeper log?\nAnswer:")
+    plain, _, _ = _generate(_session(smol), tokens)
+
+    cold, _, last_cold = _generate(_session(smol), tokens, cache=_cache(smol, smollm2_gguf, tmp_path))
+    assert last_cold.stats.prompt_cache == "miss" and last_cold.stats.cached_tokens == 0
+    assert len(prompt_cache.files(tmp_path)) == 1
+
+    warm, _, last_warm = _generate(_session(smol), tokens, cache=_cache(smol, smollm2_gguf, tmp_path))
+    assert last_warm.stats.prompt_cache == "hit"
+    assert last_warm.stats.cached_tokens == len(tokens) - 1
+    assert plain == cold == warm
+
+
+def test_prompt_cache_reuses_a_shared_prefix(smol, smollm2_gguf, tmp_path):
+    # A long document with two different questions: the second run reuses the document's KV.
+    first = smol.tokenize(f"{DOC}\nQuestion: who kept the log?\nAnswer:")
+    second = smol.tokenize(f"{DOC}\nQuestion: where did the ships pass?\nAnswer:")
+    _generate(_session(smol), first, cache=_cache(smol, smollm2_gguf, tmp_path))
+    expected, _, _ = _generate(_session(smol), second)
+    got, _, last = _generate(_session(smol), second, cache=_cache(smol, smollm2_gguf, tmp_path))
+    assert last.stats.prompt_cache == "hit" and last.stats.cached_tokens > len(second) // 2
+    assert got == expected
+
+
+@pytest.mark.parametrize("damage", ["flip", "truncate", "foreign", "settings"])
+def test_bad_cache_files_are_refused_and_the_answer_is_right(smol, smollm2_gguf, tmp_path, damage):
+    tokens = smol.tokenize(f"{DOC}\nSummary:")
+    expected, _, _ = _generate(_session(smol), tokens)
+    cache = _cache(smol, smollm2_gguf, tmp_path)
+    _generate(_session(smol), tokens, cache=cache)
+    [path] = prompt_cache.files(tmp_path)
+    if damage == "flip":
+        data = bytearray(path.read_bytes())
+        data[-100] ^= 0xFF
+        path.write_bytes(bytes(data))
+    elif damage == "truncate":
+        path.write_bytes(path.read_bytes()[:-4096])
+    else:
+        # Rewrite the header as if another model (or other KV settings) had made it.
+        entry = prompt_cache.read_header(path)
+        header = dict(entry.header)
+        if damage == "foreign":
+            header["model"], header["model_path"] = "0" * 64, "/models/other.gguf"
+        else:
+            header["settings"] = {**header["settings"], "type_k": "q8_0"}
+        body = json.dumps(header).encode()
+        state = path.read_bytes()[entry.state_offset:]
+        path.write_bytes(prompt_cache.MAGIC + len(body).to_bytes(4, "little") + body + state)
+    got, _, last = _generate(_session(smol), tokens, cache=_cache(smol, smollm2_gguf, tmp_path))
+    assert got == expected
+    assert last.stats.prompt_cache == "miss"
+    assert any("refused" in n for n in last.stats.notes), last.stats.notes
+
+
+def test_cache_evicts_least_recently_used(smol, smollm2_gguf, tmp_path):
+    cache = _cache(smol, smollm2_gguf, tmp_path)
+    for i in range(3):
+        _generate(_session(smol), smol.tokenize(f"{i} {DOC}"), n=1, cache=cache)
+        time.sleep(0.01)
+    files = prompt_cache.files(tmp_path)
+    assert len(files) == 3
+    one = max(f.stat().st_size for f in files)
+    oldest = min(files, key=lambda f: f.stat().st_mtime)
+    prompt_cache.evict(tmp_path, 2 * one)
+    left = prompt_cache.files(tmp_path)
+    assert len(left) == 2 and oldest not in left
+
+
+def test_stop_strings_stop(smol):
+    tokens = smol.tokenize("Count: 1, 2, 3, 4, 5, 6, 7,")
+    _, free_text, _ = _generate(_session(smol), tokens, n=24)
+    assert " 9" in free_text
+    _, text, last = _generate(_session(smol), tokens, n=24, stop=(" 9",))
+    assert last.finish_reason == "stop" and " 9" not in text
+    assert free_text.startswith(text)
+
+
+def test_stop_filter_holds_back_partial_matches():
+    f = engine.StopFilter(["</end>"])
+    assert f.feed("hello </e") == ("hello ", False)
+    assert f.feed("nd> more") == ("", True)
+    f = engine.StopFilter(["STOP"])
+    assert f.feed("ST") == ("", False)
+    assert f.feed("AY") == ("STAY", False)
+
+
+def test_prompt_longer_than_the_context_is_refused(smol):
+    tokens = smol.tokenize(DOC)
+    assert len(tokens) > 256
+    with pytest.raises(PromptTooLong):
+        _generate(_session(smol, n_ctx=256), tokens)
+    kept = engine.truncate(tokens, 256, 32)
+    assert kept == tokens[-(256 - 32):]
+
+
+def test_reaching_the_end_of_the_context_finishes_with_length(smol):
+    tokens = smol.tokenize("List the numbers: 1, 2, 3,")
+    session = _session(smol, n_ctx=64)
+    _, _, last = _generate(session, tokens, n=1000)
+    assert last.finish_reason == "length"
+    assert last.stats.kv_used == session.n_ctx and any("context is full" in n for n in last.stats.notes)
+
+
+def test_quantized_v_cache_needs_flash_attention(smol):
+    tokens = smol.tokenize("The sky is")
+    session = _session(smol, cache_type_k="q8_0", cache_type_v="q8_0", flash_attn="auto")
+    got, text, _ = _generate(session, tokens, n=8)
+    assert len(got) == 8 and text.strip()
+    f16 = _session(smol)
+    assert session.kv_bytes < f16.kv_bytes * 0.6  # q8_0 is 8.5 bits against 16
+    with pytest.raises(BadOption, match="flash attention"):
+        _session(smol, cache_type_v="q8_0", flash_attn="off")
+    with pytest.raises(BadOption):
+        _session(smol, cache_type_k="q3_x")
+
+
+def test_gemma_keeps_the_small_sliding_window_cache(gemma3_gguf):
+    model = engine.Model(gemma3_gguf, engine.EngineOptions())
+    try:
+        small = engine.Session(model, engine.EngineOptions(n_ctx=4096))
+        full = engine.Session(model, engine.EngineOptions(n_ctx=4096, swa_full=True))
+        # 3 global layers x 4096 cells + 15 window layers x 1024 cells, against 18 x 4096.
+        assert small.kv_bytes == 27 << 20 and full.kv_bytes == 72 << 20
+        _, text, last = _generate(small, model.tokenize("The capital of France is"), n=8)
+        assert text.strip() and last.stats.kv_bytes == small.kv_bytes
+    finally:
+        model.close()
+
+
+def test_chat_template_is_the_one_in_the_gguf(infer, smollm2_in_home, smol):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi there"}]
+    rendered = render(smol.info.chat_template, messages)
+    assert rendered == ("<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nHi there<|im_end|>\n"
+                        "<|im_start|>assistant\n")
+    expected, _, _ = _generate(_session(smol), smol.tokenize(rendered), n=12)
+    proc = infer("run", "Hi there", "--system", "Be brief.", "--temp", "0", "--repeat-penalty", "1",
+                 "-n", "12", "--json", "--no-prompt-cache")
+    assert proc.returncode == 0, proc.stderr
+    doc = json.loads(proc.stdout)
+    assert doc["stats"]["prompt_tokens"] == len(smol.tokenize(rendered))
+    assert doc["text"] == "".join(smol.piece(t).decode("utf-8", "replace") for t in expected)
+
+
+def test_cli_greedy_is_identical_with_cold_and_warm_cache(infer, smollm2_in_home):
+    args = ("run", f"{DOC}\nWhat did the keeper do?", "--temp", "0", "-n", "20", "--json")
+    runs = [json.loads(infer(*args).stdout) for _ in range(2)]
+    assert runs[0]["stats"]["prompt_cache"] == "miss" and runs[1]["stats"]["prompt_cache"] == "hit"
+    assert runs[0]["text"] == runs[1]["text"]
+    listed = json.loads(infer("cache", "list", "--json").stdout)["entries"]
+    assert len(listed) == 1 and listed[0]["tokens"] == runs[0]["stats"]["prompt_tokens"] - 1
+    assert json.loads(infer("cache", "clear", "--json").stdout)["removed"] == 1
+
+
+def test_cli_too_long_prompt_is_one_line(infer, smollm2_in_home):
+    proc = infer("run", DOC, "--ctx", "128")
+    assert proc.returncode == 2
+    assert proc.stderr.startswith("Error: the prompt is") and "--truncate" in proc.stderr
+    ok = infer("run", DOC, "--ctx", "128", "--truncate", "-n", "4", "--temp", "0")
+    assert ok.returncode == 0, ok.stderr
+    assert "cut to its last" in ok.stderr
+
+
+def test_ctrl_c_keeps_the_partial_text_and_exits_130(smollm2_in_home):
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "infer_cli", "run", "Write a very long story about a dragon.",
+         "--ignore-eos", "-n", "100000", "--ctx", "8192", "--no-prompt-cache"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    os.set_blocking(proc.stdout.fileno(), False)
+    got = b""
+    deadline = time.monotonic() + 60
+    while len(got) < 40 and time.monotonic() < deadline:
+        chunk = proc.stdout.read()
+        got += chunk or b""
+        time.sleep(0.05)
+    assert len(got) >= 40, "no text streamed"
+    proc.send_signal(signal.SIGINT)
+    rest, err = proc.communicate(timeout=30)
+    text = (got + (rest or b"")).decode()
+    assert proc.returncode == 130, err
+    assert len(text) >= 40
+    assert b"finish: interrupted" in err and b"Traceback" not in err
