@@ -232,3 +232,50 @@ def test_ctrl_c_keeps_the_partial_text_and_exits_130(smollm2_in_home):
     assert proc.returncode == 130, err
     assert len(text) >= 40
     assert b"finish: interrupted" in err and b"Traceback" not in err
+
+
+def test_interactive_chat_in_a_terminal(smollm2_in_home):
+    """History, /reset, multi-line input and Ctrl-D, through a real pseudo-terminal."""
+    import pty
+
+    leader, follower = pty.openpty()
+    proc = subprocess.Popen([sys.executable, "-m", "infer_cli", "run", "smollm2", "--temp", "0",
+                             "-n", "12", "--no-prompt-cache"],
+                            stdin=follower, stdout=follower, stderr=follower, close_fds=True)
+    os.close(follower)
+    screen = b""
+
+    def wait_for(marker: bytes, count: int, timeout: float = 60) -> None:
+        nonlocal screen
+        deadline = time.monotonic() + timeout
+        while screen.count(marker) < count and time.monotonic() < deadline:
+            try:
+                screen += os.read(leader, 4096)
+            except OSError:
+                break
+        assert screen.count(marker) >= count, screen.decode(errors="replace")
+
+    try:
+        wait_for(b">>> ", 1)
+        os.write(leader, b"My name is Ada.\n")
+        wait_for(b"finish:", 1)
+        wait_for(b">>> ", 2)
+        os.write(leader, b"What is my name?\n")
+        wait_for(b"finish:", 2)
+        second = screen.split(b"finish:")[1]
+        assert b"prompt" in second
+        wait_for(b">>> ", 3)
+        os.write(leader, b'"""Two\nlines"""\n')
+        wait_for(b"finish:", 3)
+        wait_for(b">>> ", 4)
+        os.write(leader, b"/reset\n")
+        wait_for(b"forgotten", 1)
+        os.write(leader, b"\x04")  # Ctrl-D
+        assert proc.wait(timeout=30) == 0
+    finally:
+        proc.kill()
+        os.close(leader)
+    # The second turn's prompt carried the first turn (history); after /reset it would not.
+    import re
+    prompts = [int(n) for n in re.findall(rb"prompt (\d+) tokens", screen)]
+    assert len(prompts) == 3 and prompts[1] > prompts[0] + 12
