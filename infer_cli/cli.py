@@ -68,12 +68,12 @@ def run(
     system: Annotated[Optional[str], typer.Option("--system", help="A system prompt.", show_default=False)] = None,
     raw: Annotated[bool, typer.Option("--raw", help="Plain completion, no chat template.")] = False,
     max_tokens: Annotated[int, typer.Option("--max-tokens", "-n", help="Most tokens to generate; -1: until the model stops or the context is full.")] = -1,
-    temp: Annotated[float, typer.Option("--temp", help="Sampling temperature; 0 is greedy.")] = 0.8,
-    top_k: Annotated[int, typer.Option("--top-k", help="Keep the k most likely tokens; 0 turns it off.")] = 40,
-    top_p: Annotated[float, typer.Option("--top-p", help="Nucleus sampling; 1 turns it off.")] = 0.95,
-    min_p: Annotated[float, typer.Option("--min-p", help="Drop tokens below this share of the best one's probability.")] = 0.05,
-    repeat_penalty: Annotated[float, typer.Option("--repeat-penalty", help="Penalty for repeating recent tokens (Ollama's default); 1 turns it off.")] = 1.1,
-    repeat_last_n: Annotated[int, typer.Option("--repeat-last-n", help="How many recent tokens the penalty looks at.")] = 64,
+    temp: Annotated[Optional[float], typer.Option("--temp", help="Sampling temperature; 0 is greedy. Default: models.toml, else 0.8.", show_default=False)] = None,
+    top_k: Annotated[Optional[int], typer.Option("--top-k", help="Keep the k most likely tokens; 0 turns it off. Default: models.toml, else 40.", show_default=False)] = None,
+    top_p: Annotated[Optional[float], typer.Option("--top-p", help="Nucleus sampling; 1 turns it off. Default: models.toml, else 0.95.", show_default=False)] = None,
+    min_p: Annotated[Optional[float], typer.Option("--min-p", help="Drop tokens below this share of the best one's probability. Default: models.toml, else 0.05.", show_default=False)] = None,
+    repeat_penalty: Annotated[Optional[float], typer.Option("--repeat-penalty", help="Penalty for repeating recent tokens; 1 turns it off. Default: models.toml, else 1.0.", show_default=False)] = None,
+    repeat_last_n: Annotated[Optional[int], typer.Option("--repeat-last-n", help="How many recent tokens the penalty looks at. Default: models.toml, else 64.", show_default=False)] = None,
     seed: Annotated[int, typer.Option("--seed", help="Random seed; -1 picks one.")] = -1,
     stop: Annotated[Optional[list[str]], typer.Option("--stop", help="Stop when this text appears (repeatable).", show_default=False)] = None,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past the end-of-text token.")] = False,
@@ -113,8 +113,11 @@ def run(
         flash_attn=flash_attn.lower(), gpu_layers=_gpu_layers(gpu_layers), mlock=mlock,
         mmap=not no_mmap, swa_full=swa_full)
     opts.check()
-    sampling = engine.Sampling(temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p,
-                               repeat_penalty=repeat_penalty, repeat_last_n=repeat_last_n, seed=seed)
+    given = {"temperature": temp, "top_k": top_k, "top_p": top_p, "min_p": min_p,
+             "repeat_penalty": repeat_penalty, "repeat_last_n": repeat_last_n}
+    model_defaults = resolved.entry.sampling if resolved.entry else {}
+    sampling = engine.Sampling(seed=seed, **{**model_defaults,
+                                             **{k: v for k, v in given.items() if v is not None}})
     settings = cli_run.RunSettings(system, raw, max_tokens, tuple(stop or ()), ignore_eos,
                                    truncate, not no_prompt_cache, sampling)
     runner = cli_run.Runner(resolved, opts, settings)

@@ -6,6 +6,7 @@ Part of the CLI layer (it prints); the work is done by ``engine``, ``chat`` and
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 import time
 from dataclasses import dataclass
@@ -120,7 +121,8 @@ def one_shot(runner: Runner, prompt: str, out, *, json_mode: bool, resolved) -> 
     stats, finish = last.stats, last.finish_reason
     if json_mode:
         out.json({"model": resolved.name, "path": str(resolved.path), "text": "".join(text),
-                  "finish_reason": finish, "stats": stats.as_dict(), "notes": stats.notes})
+                  "finish_reason": finish, "stats": stats.as_dict(), "notes": stats.notes,
+                  "sampling": dataclasses.asdict(runner.settings.sampling)})
     else:
         sys.stdout.write("\n")
         sys.stdout.flush()

@@ -311,13 +311,15 @@ class Session:
             raise ContextOverflow(len(self.tokens) + 1, self.n_ctx)
         self.tokens.append(token)
 
-    def reusable(self, cached: Sequence[int], tokens: Sequence[int]) -> int:
+    def reusable(self, cached: Sequence[int], tokens: Sequence[int], *, aligned: bool = False) -> int:
         """How many leading ``tokens`` a cache holding ``cached`` can serve as they are.
 
-        All of them if ``cached`` covers them; otherwise the common prefix rounded down to a
-        chunk boundary (see ``decode``). Zero when that would mean cutting a sliding-window cache."""
+        All of them if ``cached`` covers them, else the common prefix; ``aligned`` rounds that
+        down to a chunk boundary (see ``decode``), which a state from the prompt cache needs
+        for a warm run to compute exactly what a cold one did. Zero when it would mean
+        cutting a sliding-window cache, which cannot drop a tail."""
         common = _prefix_len(cached, tokens)
-        keep = common if common == len(tokens) else common - common % self.align
+        keep = common if common == len(tokens) or not aligned else common - common % self.align
         if keep < len(cached) and not self.can_trim:
             return 0
         return keep
@@ -331,13 +333,22 @@ class Session:
         self.decode(tokens[keep:])
         return keep
 
-    def prefill(self, tokens: Sequence[int]) -> int:
+    def prefill(self, tokens: Sequence[int], *, last_alone: bool = False) -> int:
         """The prompt's KV with logits for its last token; returns how many tokens were reused.
 
-        The last token always gets a decode call of its own: then a prompt restored from the
-        prompt cache (which stores the state before it) computes exactly what a fresh one does."""
+        ``last_alone`` gives the last token a decode call of its own, as a prompt restored from
+        the prompt cache (which stores the state before it) must: cold and warm runs then
+        compute exactly the same thing. Without a cache one call is faster."""
         if not tokens:
             raise PromptTooLong(0, self.n_ctx, "the prompt is empty")
+        if not last_alone:
+            keep = self.reusable(self.tokens, tokens)
+            keep = min(keep, len(tokens) - 1)  # the last token must be decoded for its logits
+            if not self.trim(keep):
+                self.clear()
+                keep = 0
+            self.decode(tokens[keep:])
+            return keep
         reused = self.extend(tokens[:-1])
         self.decode_one(tokens[-1])
         return reused
@@ -489,7 +500,7 @@ def stream(session: Session, req: Request, *, stats: Stats | None = None,
             stats.cached_tokens = session.prefill(tokens)
         else:
             # The cache keeps the state *before* the last prompt token: a later run restores it
-            # and decodes that one token for its logits, as `prefill` does.
+            # and decodes that one token for its logits, as `prefill(last_alone=True)` does.
             head = tokens[:-1]
             stats.prompt_cache = prompt_cache.restore(session, head, stats.notes)
             stats.cached_tokens = session.extend(head)

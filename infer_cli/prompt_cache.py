@@ -134,7 +134,7 @@ class PromptCache:
         """Load the saved state that serves most of ``tokens``: 'hit' or 'miss'."""
         best, best_keep = None, 0
         for entry in self._entries(notes):
-            keep = session.reusable(entry.tokens, tokens)
+            keep = session.reusable(entry.tokens, tokens, aligned=True)
             if keep >= MIN_TOKENS and keep > best_keep:
                 best, best_keep = entry, keep
         if best is None or best_keep <= session.reusable(session.tokens, tokens):

@@ -55,6 +55,11 @@ class ModelEntry:
     quant: str | None = None
     hub: HubSource | None = None
     package: PackageSource | None = None
+    sampling: dict[str, float] = field(default_factory=dict)  # defaults for `infer run`
+
+
+SAMPLING_KEYS = {"temperature": float, "top_k": int, "top_p": float, "min_p": float,
+                 "repeat_penalty": float, "repeat_last_n": int}
 
 
 @dataclass(frozen=True)
@@ -203,7 +208,22 @@ def _entry(name: str, raw: dict, path: Path) -> ModelEntry:
     quant = raw.get("quant")
     return ModelEntry(name=name.lower(), note=str(raw.get("note", "")), context=context,
                       draft=raw.get("draft") or None, quant=quant.upper() if quant else None,
-                      hub=hub, package=pkg)
+                      hub=hub, package=pkg, sampling=_sampling(name, raw.get("sampling", {}), path))
+
+
+def _sampling(name: str, raw, path: Path) -> dict:
+    if not isinstance(raw, dict):
+        raise ConfigError(str(path), f"[models.{name}.sampling] must be a table")
+    out = {}
+    for key, value in raw.items():
+        kind = SAMPLING_KEYS.get(key)
+        if kind is None:
+            raise ConfigError(str(path), f"[models.{name}.sampling] has unknown key '{key}' "
+                              f"(known: {', '.join(SAMPLING_KEYS)})")
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(str(path), f"[models.{name}.sampling] {key} must be a number")
+        out[key] = kind(value)
+    return out
 
 
 def load_catalog(shipped: Path = SHIPPED_MODELS_TOML, user: Path | None = None) -> Catalog:

@@ -61,6 +61,13 @@ def test_run_json_is_one_document(infer, smollm2_in_home):
     assert doc["model"] == "smollm2" and doc["stats"]["generated_tokens"] > 0 and doc["text"]
 
 
+def test_model_sampling_defaults_come_from_models_toml(infer, smollm2_in_home):
+    doc = json.loads(infer("run", "Hi", "-n", "2", "--json").stdout)
+    assert doc["sampling"]["temperature"] == 0.2 and doc["sampling"]["repeat_penalty"] == 1.1
+    doc = json.loads(infer("run", "Hi", "-n", "2", "--temp", "0.5", "--json").stdout)
+    assert doc["sampling"]["temperature"] == 0.5 and doc["sampling"]["top_p"] == 0.9
+
+
 def test_greedy_run_is_reproducible(infer, smollm2_in_home):
     a = infer("run", "Count to five.", "-n", "16", "--temp", "0").stdout
     b = infer("run", "Count to five.", "-n", "16", "--temp", "0").stdout

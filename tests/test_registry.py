@@ -76,11 +76,13 @@ def test_user_models_toml_overlays_the_shipped_one(tmp_path):
     user.write_text(
         'default = "mine"\n'
         '[models.mine]\nnote = "my model"\ncontext = 2048\ndraft = "smollm2"\n'
+        'sampling = { temperature = 0.3, top_k = 20 }\n'
         'hub = { repo = "me/my-model-GGUF", files = { q4_k_m = "my-Q4_K_M.gguf" } }\n'
         '[models.smollm2]\nnote = "replaced"\nhub = { repo = "other/smol" }\n')
     cat = load_catalog(user=user)
     assert cat.default == "mine"
     assert cat.get("mine").hub.files == {"Q4_K_M": "my-Q4_K_M.gguf"}
+    assert cat.get("mine").sampling == {"temperature": 0.3, "top_k": 20}
     assert cat.get("smollm2").note == "replaced" and cat.get("smollm2").package is None
     assert cat.get("gemma3-270m") is not None  # untouched shipped entries stay
 
@@ -92,6 +94,8 @@ def test_user_models_toml_overlays_the_shipped_one(tmp_path):
     "[models.x]\ncontext = -5\nhub = { repo = 'a/b' }\n",
     "[models.x.package]\nwheels = ['a==1']\nmembers = []\nfile = 'f'\nsha256 = 'zz'\nsize = 1\n",
     "default = 'ghost'\n",
+    "[models.x]\nhub = { repo = 'a/b' }\nsampling = { temprature = 0.5 }\n",
+    "[models.x]\nhub = { repo = 'a/b' }\nsampling = { top_k = 'many' }\n",
 ])
 def test_broken_user_models_toml_is_a_config_error(tmp_path, body):
     user = tmp_path / "models.toml"
