@@ -287,3 +287,23 @@ def test_interactive_chat_in_a_terminal(smollm2_in_home):
     import re
     prompts = [int(n) for n in re.findall(rb"prompt (\d+) tokens", screen)]
     assert len(prompts) == 3 and prompts[1] > prompts[0] + 12
+
+
+def test_fast_greedy_matches_llama_cpp_greedy_sampler(gemma3_gguf):
+    model = engine.Model(gemma3_gguf, engine.EngineOptions())
+    try:
+        tokens = model.tokenize("The three primary colours are")
+        runs = []
+        for use_argmax in (True, False):
+            session = engine.Session(model, engine.EngineOptions(n_ctx=256))
+            sampler = engine.Sampler(model, GREEDY)
+            sampler.argmax = use_argmax
+            session.prefill(tokens)
+            out = []
+            for _ in range(24):
+                out.append(sampler.sample(session.ptr))
+                session.decode_one(out[-1])
+            runs.append(out)
+        assert runs[0] == runs[1]
+    finally:
+        model.close()
