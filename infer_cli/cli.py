@@ -333,6 +333,14 @@ def rm(model: Annotated[str, typer.Argument(help="The model to remove (see `infe
         out.result(f"Forgot {removal.name}; the file itself stays where it is.")
 
 
+# --- fit / quantize (their own modules) -------------------------------------------------------
+
+from . import cli_fit, cli_quantize  # noqa: E402  (light modules: heavy imports stay inside)
+
+cli_fit.register(app)
+cli_quantize.register(app)
+
+
 # --- cache ----------------------------------------------------------------------------------
 
 cache_app = typer.Typer(help="The prompt cache: saved KV state of prompt prefixes, reused across runs.",
