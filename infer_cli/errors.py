@@ -131,6 +131,38 @@ class TemplateFailed(InferError):
         self.reason = reason
 
 
+class UnknownQuantType(InferError):
+    def __init__(self, name: str, valid: list[str]):
+        super().__init__(f"unknown quantization type '{name}'; valid: {', '.join(valid)}")
+        self.name, self.valid = name, valid
+
+
+class QuantizeRefused(InferError):
+    """A quantization that needs something the user did not give (an imatrix, a flag)."""
+
+    def __init__(self, target: str, reason: str, fix: str):
+        super().__init__(f"cannot make {target}: {reason}")
+        self.target, self.reason, self.fix = target, reason, fix
+
+
+class QuantizeFailed(InferError):
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"quantizing {path} failed: {reason}")
+        self.path, self.reason = path, reason
+
+
+class UnsupportedArchitecture(InferError):
+    def __init__(self, arch: str, supported: list[str]):
+        super().__init__(f"architecture '{arch}' is not supported; supported: {', '.join(supported)}")
+        self.arch, self.supported = arch, supported
+
+
+class BadCheckpoint(InferError):
+    def __init__(self, path: str, reason: str):
+        super().__init__(f"{path} is not a usable Hugging Face checkpoint: {reason}")
+        self.path, self.reason = path, reason
+
+
 def _next_ctx(n: int) -> int:
     """The next power of two above n plus room for an answer."""
     size = 512
@@ -174,6 +206,13 @@ _TABLE: dict[type[InferError], tuple[int, Callable]] = {
     ContextOverflow: (2, lambda e: "Raise --ctx or lower --batch."),
     TemplateFailed: (65, lambda e: "Use --raw for plain completion without the template."),
     NotOwned: (1, lambda e: "Delete it yourself if you mean to; `infer rm` only forgets it."),
+    UnknownQuantType: (2, lambda e: "`infer quantize --list` describes each type."),
+    QuantizeRefused: (2, lambda e: e.fix),
+    QuantizeFailed: (65, lambda e: "INFER_DEBUG=1 shows llama.cpp's log."),
+    UnsupportedArchitecture: (65, lambda e: "Convert it with llama.cpp's convert_hf_to_gguf.py, "
+                              "then `infer quantize FILE.gguf`."),
+    BadCheckpoint: (65, lambda e: "A checkpoint folder needs config.json, its *.safetensors "
+                    "(and index when sharded) and tokenizer files."),
 }
 
 
