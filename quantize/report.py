@@ -1,0 +1,231 @@
+"""What a quantization costs and buys, measured on the user's model and machine: size, bits
+per weight, decode speed, and quality against a reference (KL divergence of the next-token
+distributions, top-1 agreement, perplexity on an evaluation text).
+
+The reference's log-probabilities are computed once and kept in a float32 memory-mapped file
+beside the outputs, so only one model is loaded at a time.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Iterator
+
+from infer_cli.errors import BadOption
+
+DEFAULT_EVAL_TOKENS = 2048
+DEFAULT_CTX = 512
+
+
+@dataclass
+class Quality:
+    kl_mean: float
+    kl_p99: float
+    top1: float          # share of positions where the argmax agrees with the reference's
+    ppl: float
+    ref_ppl: float
+    positions: int
+
+
+@dataclass
+class Row:
+    """One line of the report."""
+
+    name: str
+    path: str
+    size: int
+    bpw: float
+    seconds: float | None  # time to make it; None for the reference
+    decode_tps: float | None = None
+    quality: Quality | None = None
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+def default_eval_text() -> str:
+    """English prose that ships with Python: the language reference topics of pydoc."""
+    from pydoc_data.topics import topics
+
+    keys = ("if", "while", "for", "try", "with", "function", "class", "assignment", "import",
+            "lambda", "types", "datamodel", "exceptions", "naming", "execmodel")
+    return "\n\n".join(topics[k] for k in keys if k in topics)
+
+
+def eval_text(path: Path | None) -> str:
+    if path is None:
+        return default_eval_text()
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise BadOption("--eval-text", str(path), f"a readable UTF-8 text file ({e})") from None
+    if not text.strip():
+        raise BadOption("--eval-text", str(path), "a file with some text in it")
+    return text
+
+
+class _Scorer:
+    """A model with a context that returns logits for every position of a chunk."""
+
+    def __init__(self, path: Path, n_ctx: int, threads: int | None):
+        from infer_cli.engine import EngineOptions, Model, default_threads
+
+        self.model = Model(path, EngineOptions(n_ctx=n_ctx))
+        L = self.L = self.model.L
+        params = L.llama_context_default_params()
+        params.n_ctx = params.n_batch = params.n_ubatch = n_ctx
+        params.n_threads = params.n_threads_batch = threads or default_threads()
+        params.no_perf = True
+        self.ctx = L.llama_init_from_model(self.model.ptr, params)
+        if not self.ctx:
+            from infer_cli.errors import ModelLoadFailed
+
+            raise ModelLoadFailed(str(path), "could not create an evaluation context")
+        self.n_ctx = n_ctx
+        self.batch = L.llama_batch_init(n_ctx, 0, 1)
+        self.n_vocab = self.model.n_vocab
+
+    def logprobs(self, tokens: list[int]):
+        """(len(tokens), n_vocab) float32 log-probabilities after each token."""
+        import numpy as np
+
+        L, b, n = self.L, self.batch, len(tokens)
+        L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
+        for i, tok in enumerate(tokens):
+            b.token[i] = tok
+            b.pos[i] = i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = 1
+        b.n_tokens = n
+        rc = L.llama_decode(self.ctx, b)
+        if rc != 0:
+            from infer_cli.errors import QuantizeFailed
+
+            raise QuantizeFailed(str(self.model.path), f"llama_decode returned {rc} in evaluation")
+        ptr = L.llama_get_logits(self.ctx)
+        x = np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab)).astype(np.float32)
+        x -= x.max(axis=1, keepdims=True)
+        x -= np.log(np.exp(x).sum(axis=1, keepdims=True))
+        return x
+
+    def close(self) -> None:
+        self.L.llama_batch_free(self.batch)
+        self.L.llama_free(self.ctx)
+        self.model.close()
+
+
+def chunks(path: Path, text: str, n_tokens: int, n_ctx: int) -> list[list[int]]:
+    """The evaluation text as chunks of ``n_ctx`` tokens, each starting with BOS when the model
+    uses one (as llama-perplexity does)."""
+    from infer_cli.engine import EngineOptions, Model
+
+    model = Model(path, EngineOptions(n_ctx=n_ctx, warmup=False))
+    try:
+        toks = model.tokenize(text, add_special=False, parse_special=False)
+        bos = model.L.llama_vocab_bos(model.vocab)
+        add_bos = bool(model.L.llama_vocab_get_add_bos(model.vocab)) and bos >= 0
+    finally:
+        model.close()
+    body = n_ctx - 1 if add_bos else n_ctx
+    toks = toks[:n_tokens]
+    out = [([bos] if add_bos else []) + toks[i:i + body] for i in range(0, len(toks), body)]
+    out = [c for c in out if len(c) >= 8]
+    if not out:
+        raise BadOption("--eval-text", "(text)", f"at least 8 tokens of text (got {len(toks)})")
+    return out
+
+
+class Reference:
+    """The reference's log-probabilities over the evaluation chunks, in a temporary file."""
+
+    def __init__(self, path: Path, text: str, *, n_tokens: int = DEFAULT_EVAL_TOKENS,
+                 n_ctx: int = DEFAULT_CTX, threads: int | None = None, workdir: Path | None = None):
+        import numpy as np
+
+        self.chunks = chunks(path, text, n_tokens, n_ctx)
+        self.n_ctx, self.threads = n_ctx, threads
+        scorer = _Scorer(path, n_ctx, threads)
+        try:
+            total = sum(len(c) for c in self.chunks)
+            self._tmp = tempfile.NamedTemporaryFile(dir=workdir, prefix=".infer-ref-", suffix=".f32")
+            self.lp = np.memmap(self._tmp.name, dtype=np.float32, mode="w+",
+                                shape=(total, scorer.n_vocab))
+            self.nll: list[float] = []
+            pos = 0
+            for c in self.chunks:
+                lp = scorer.logprobs(c)
+                self.lp[pos:pos + len(c)] = lp
+                self.nll.extend(-lp[np.arange(len(c) - 1), c[1:]])
+                pos += len(c)
+        finally:
+            scorer.close()
+        self.ppl = float(np.exp(np.mean(self.nll)))
+
+    def compare(self, path: Path) -> Quality:
+        import numpy as np
+
+        scorer = _Scorer(path, self.n_ctx, self.threads)
+        kls, agree, nll = [], 0, []
+        try:
+            pos = 0
+            for c in self.chunks:
+                lp = scorer.logprobs(c)[:-1]
+                ref = np.asarray(self.lp[pos:pos + len(c) - 1])
+                kls.append((np.exp(ref) * (ref - lp)).sum(axis=1))
+                agree += int((ref.argmax(axis=1) == lp.argmax(axis=1)).sum())
+                nll.extend(-lp[np.arange(len(c) - 1), c[1:]])
+                pos += len(c)
+        finally:
+            scorer.close()
+        kl = np.concatenate(kls)
+        return Quality(float(kl.mean()), float(np.percentile(kl, 99)), agree / len(kl),
+                       float(np.exp(np.mean(nll))), self.ppl, int(len(kl)))
+
+    def close(self) -> None:
+        self._tmp.close()
+
+
+def decode_speed(path: Path, n_tokens: int = 64, threads: int | None = None) -> float:
+    """Greedy decode tokens/s after a short prompt, through the engine."""
+    from infer_cli.engine import EngineOptions, Model, Request, Sampling, Session, stream
+
+    opts = EngineOptions(n_ctx=512, threads=threads)
+    model = Model(path, opts)
+    session = Session(model, opts)
+    try:
+        prompt = tuple(model.tokenize("The history of the printing press"))
+        req = Request(prompt, Sampling(temperature=0, repeat_penalty=1.0), n_tokens, (), True)
+        last = None
+        for ev in stream(session, req):
+            last = ev
+        return last.stats.decode_tps if last else 0.0
+    finally:
+        session.close()
+        model.close()
+
+
+def iter_rows(reference: Path, outputs: list, *, text: str, eval_tokens: int = DEFAULT_EVAL_TOKENS,
+              n_ctx: int = DEFAULT_CTX, decode_tokens: int = 64, threads: int | None = None,
+              workdir: Path | None = None) -> Iterator[Row]:
+    """The reference row, then one per output (``QuantResult``s), measured one at a time."""
+    from infer_cli.gguf_info import read_gguf
+
+    ref = Reference(reference, text, n_tokens=eval_tokens, n_ctx=n_ctx, threads=threads,
+                    workdir=workdir)
+    try:
+        info = read_gguf(reference)
+        size = Path(reference).stat().st_size
+        yield Row("reference", str(reference), size, size * 8 / max(info.n_params, 1), None,
+                  decode_speed(reference, decode_tokens, threads) if decode_tokens else None,
+                  Quality(0.0, 0.0, 1.0, ref.ppl, ref.ppl, sum(len(c) - 1 for c in ref.chunks)))
+        for res in outputs:
+            tps = decode_speed(res.path, decode_tokens, threads) if decode_tokens else None
+            yield Row(res.qtype, str(res.path), res.size, res.bpw, res.seconds, tps,
+                      ref.compare(res.path))
+    finally:
+        ref.close()
