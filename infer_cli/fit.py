@@ -1,0 +1,551 @@
+"""Memory plan for a GGUF from its header alone: weights, KV cache, compute and output buffers
+per device, the number of GPU layers that fit, and the largest context.
+
+Everything here is a pure function of (GGUF facts, hardware description, options), so plans for
+hardware that is not present (``--gpu "RTX 4090"``) are as exact as for the local machine. The
+rules follow llama.cpp 0c1e570 (vendored by llama-cpp-python 0.3.36):
+
+- context: n_ctx is padded to 256 cells (llama-context.cpp); n_batch = min(n_ctx, n_batch),
+  n_ubatch = min(n_batch, n_ubatch);
+- sliding-window layers (llama-kv-cache-iswa.cpp) get pad(min(n_ctx, n_swa + n_ubatch), 256)
+  cells unless swa_full; which layers slide comes from ``{arch}.attention.sliding_window_pattern``
+  or the architecture's default period (llama-hparams.cpp ``set_swa_pattern``);
+- layers go to the GPU from the top: n_gpu_layers = k puts the output layer and the last k-1
+  blocks there (llama-model.cpp ``i_gpu_start``); the token embedding stays on the CPU, and a
+  tied output matrix is duplicated onto the GPU;
+- the compute buffer is the peak of the graph allocator, modelled from the three places where it
+  peaks (measured against llama.cpp's dry run, see scripts/bench_fit.py): the logits of a ubatch,
+  the attention scores without flash attention, the feed-forward activations.
+
+``check`` runs llama.cpp's own dry run in a subprocess for comparison.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import asdict, dataclass, field, replace
+from typing import Any
+
+from .errors import BadModelFile, BadOption
+
+MIB = 1 << 20
+GIB = 1 << 30
+CTX_PAD = 256
+# ggml types of the KV cache: (block size, bytes per block)
+KV_TYPE_SIZES = {"f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "q8_0": (32, 34), "q4_0": (32, 18),
+                 "q4_1": (32, 20), "iq4_nl": (32, 18), "q5_0": (32, 22), "q5_1": (32, 24)}
+# Default sliding-window period per architecture when the GGUF has no pattern key
+# (load_swa_pattern calls in src/models/*.cpp); (period, dense_first).
+SWA_DEFAULT_PATTERN = {"gemma2": (2, False), "gemma3": (6, False), "gemma3n": (5, False),
+                       "gemma-embedding": (6, False), "cohere2": (4, False), "llama4": (4, False),
+                       "exaone4": (4, False), "olmo2": (4, False), "openai-moe": (2, False),
+                       "gpt-oss": (2, False), "afmoe": (4, False), "smallthinker": (4, True)}
+# Stated allowances: what a GPU runtime takes before any buffer (CUDA context, cuBLAS
+# workspace; Metal's command queues), and what the process itself needs in RAM.
+GPU_OVERHEAD = {"cuda": 400 * MIB, "metal": 256 * MIB, "": 0}
+PROCESS_RAM = 64 * MIB  # interpreter + llama.cpp libraries (dry run: 61 MiB RSS)
+VRAM_MARGIN = 0.05      # keep 5% of the GPU's memory free
+RAM_MARGIN = 0.10       # and 10% of the available RAM
+
+
+# ----------------------------------------------------------------------------------------------
+# Inputs
+
+
+@dataclass(frozen=True)
+class Options:
+    """The context a plan is for (mirrors engine.EngineOptions; gpu_layers None = choose)."""
+
+    n_ctx: int = 4096
+    n_batch: int = 2048
+    n_ubatch: int = 512
+    cache_type_k: str = "f16"
+    cache_type_v: str = "f16"
+    flash_attn: str = "auto"   # auto resolves to on: every backend here supports it
+    swa_full: bool = False
+    gpu_layers: int | None = None
+
+    def check(self) -> None:
+        for name, value in (("--cache-type-k", self.cache_type_k), ("--cache-type-v", self.cache_type_v)):
+            if value not in KV_TYPE_SIZES:
+                raise BadOption(name, value, f"one of {', '.join(KV_TYPE_SIZES)}")
+        if self.flash_attn not in ("auto", "on", "off"):
+            raise BadOption("--flash-attn", self.flash_attn, "auto, on or off")
+        if self.flash_attn == "off" and self.cache_type_v not in ("f32", "f16", "bf16"):
+            raise BadOption("--cache-type-v", self.cache_type_v, "f16 with --flash-attn off")
+        if self.n_ctx < 8 or self.n_ubatch < 1 or self.n_batch < 1:
+            raise BadOption("--ctx/--ubatch", f"{self.n_ctx}/{self.n_ubatch}", "positive sizes, ctx >= 8")
+
+    @property
+    def fa(self) -> bool:
+        return self.flash_attn != "off"
+
+
+@dataclass(frozen=True)
+class Model:
+    """What the plan needs from a GGUF header (``facts(info)``)."""
+
+    name: str
+    arch: str
+    n_layer: int
+    n_embd: int
+    n_head: int
+    n_head_kv: tuple[int, ...]   # per layer
+    head_dim_k: int
+    head_dim_v: int
+    n_ff: int
+    n_vocab: int
+    n_ctx_train: int
+    n_swa: int
+    swa_layers: tuple[bool, ...]
+    layer_bytes: tuple[int, ...]  # weights of each block
+    embd_bytes: int               # token embedding (always on the CPU)
+    output_bytes: int             # output matrix + final norm (with the output layer)
+    tied_output: bool             # output matrix is the token embedding: duplicated on a GPU
+    file_bytes: int
+    quant: str = ""
+
+    @property
+    def weights_bytes(self) -> int:
+        return sum(self.layer_bytes) + self.embd_bytes + self.output_bytes
+
+
+@dataclass(frozen=True)
+class Hardware:
+    """The memory a plan may use. ``vram`` 0 means no usable GPU."""
+
+    name: str
+    ram: int
+    vram: int = 0
+    backend: str = ""       # "cuda" | "metal" | ""
+    unified: bool = False   # Apple: the GPU's memory is the RAM
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs
+
+
+@dataclass
+class Memory:
+    """Bytes on one device, by component."""
+
+    weights: int = 0
+    kv: int = 0
+    compute: int = 0
+    output: int = 0
+    overhead: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.compute + self.output + self.overhead
+
+    def as_dict(self) -> dict[str, int]:
+        return {**asdict(self), "total": self.total}
+
+
+@dataclass
+class Plan:
+    model: str
+    hardware: Hardware
+    options: Options
+    n_ctx: int                 # cells, after llama.cpp's padding
+    n_ctx_swa: int             # cells of each sliding-window layer (== n_ctx without SWA)
+    n_ubatch: int
+    n_layer: int
+    gpu_layers: int            # llama.cpp's n_gpu_layers (n_layer + 1 = everything)
+    cpu: Memory
+    gpu: Memory
+    verdict: str               # "gpu" | "partial" | "cpu" | "no-fit"
+    fits: bool
+    kv_per_token: int          # bytes of KV per context cell over all full-attention layers
+    draft: "Plan | None" = None
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def total(self) -> int:
+        return self.cpu.total + self.gpu.total
+
+    @property
+    def verdict_text(self) -> str:
+        return {"gpu": "fits on the GPU", "cpu": "CPU only",
+                "partial": f"partial offload: {self.gpu_layers} of {self.n_layer + 1} layers on the GPU",
+                "no-fit": "does not fit"}[self.verdict]
+
+    def as_dict(self) -> dict[str, Any]:
+        d = {"model": self.model, "hardware": asdict(self.hardware), "options": asdict(self.options),
+             "n_ctx": self.n_ctx, "n_ctx_swa": self.n_ctx_swa, "n_ubatch": self.n_ubatch,
+             "n_layer": self.n_layer, "gpu_layers": self.gpu_layers, "verdict": self.verdict,
+             "verdict_text": self.verdict_text, "fits": self.fits,
+             "devices": {"cpu": self.cpu.as_dict(), "gpu": self.gpu.as_dict()},
+             "total": self.total, "kv_per_token": self.kv_per_token, "notes": self.notes}
+        if self.draft is not None:
+            d["draft"] = self.draft.as_dict()
+        return d
+
+
+# ----------------------------------------------------------------------------------------------
+# From the GGUF header
+
+
+def facts(info) -> Model:
+    """The plan's view of a ``gguf_info.GGUFInfo``; BadModelFile when a needed key is missing."""
+    arch = info.architecture or "?"
+    n_layer, n_embd, n_head = info.block_count, info.embedding_length, info.head_count
+    if not (n_layer and n_embd and n_head):
+        raise BadModelFile(info.path, "the header lacks block_count, embedding_length or head_count")
+    raw_kv = info.head_count_kv_raw
+    if isinstance(raw_kv, list) and len(raw_kv) == n_layer:
+        kv_heads = tuple(int(v) for v in raw_kv)
+    else:
+        kv_heads = (info.head_count_kv or n_head,) * n_layer
+    n_swa = info.sliding_window or 0
+    layer_bytes = [0] * n_layer
+    embd = output = 0
+    has_output = False
+    for t in info.tensors:
+        if t.name.startswith("blk."):
+            try:
+                il = int(t.name.split(".")[1])
+            except ValueError:
+                il = -1
+            if 0 <= il < n_layer:
+                layer_bytes[il] += t.n_bytes
+                continue
+        if t.name.startswith("token_embd."):
+            embd += t.n_bytes
+        else:
+            output += t.n_bytes
+            has_output |= t.name == "output.weight"
+    tied = not has_output
+    if tied:
+        tok = info.tensor("token_embd.weight")
+        output += tok.n_bytes if tok is not None else 0
+    return Model(
+        name=info.name or os.path.basename(info.path), arch=arch, n_layer=n_layer, n_embd=n_embd,
+        n_head=n_head, n_head_kv=kv_heads, head_dim_k=info.key_length or n_embd // n_head,
+        head_dim_v=info.value_length or n_embd // n_head, n_ff=info.feed_forward_length or 4 * n_embd,
+        n_vocab=info.vocab_size or 0, n_ctx_train=info.context_length or 4096, n_swa=n_swa,
+        swa_layers=_swa_layers(info, arch, n_layer, n_swa), layer_bytes=tuple(layer_bytes),
+        embd_bytes=embd, output_bytes=output, tied_output=tied, file_bytes=info.file_size,
+        quant=info.file_type_name or "")
+
+
+def _swa_layers(info, arch: str, n_layer: int, n_swa: int) -> tuple[bool, ...]:
+    if n_swa <= 0:
+        return (False,) * n_layer
+    pattern = info.arch_get("attention.sliding_window_pattern")
+    if isinstance(pattern, list) and len(pattern) >= n_layer:
+        return tuple(bool(v) for v in pattern[:n_layer])
+    period, dense_first = SWA_DEFAULT_PATTERN.get(arch, (0, False))
+    if isinstance(pattern, int) and not isinstance(pattern, bool):
+        period = pattern
+    if period == 0:
+        return (True,) * n_layer
+    if dense_first:
+        return tuple(il % period != 0 for il in range(n_layer))
+    return tuple(il % period < period - 1 for il in range(n_layer))
+
+
+# ----------------------------------------------------------------------------------------------
+# Components
+
+
+def _pad(n: int, to: int) -> int:
+    return (n + to - 1) // to * to
+
+
+def _row_bytes(n: int, kv_type: str) -> int:
+    block, size = KV_TYPE_SIZES[kv_type]
+    return n // block * size
+
+
+@dataclass(frozen=True)
+class _Ctx:
+    n_ctx: int      # padded cells
+    n_swa: int      # cells of SWA layers
+    n_ubatch: int
+
+
+def _context(m: Model, o: Options) -> _Ctx:
+    n_ctx = _pad(o.n_ctx, CTX_PAD)
+    n_batch = min(o.n_ctx, o.n_batch)
+    n_ubatch = min(n_batch, o.n_ubatch)
+    n_swa = n_ctx
+    if any(m.swa_layers) and not o.swa_full:
+        n_swa = _pad(min(n_ctx, m.n_swa + n_ubatch), CTX_PAD)
+    return _Ctx(n_ctx, n_swa, n_ubatch)
+
+
+def kv_layer_bytes(m: Model, o: Options, il: int, c: _Ctx | None = None) -> int:
+    """KV bytes of block ``il``: K and V rows of n_head_kv x head_dim, one per cell."""
+    c = c or _context(m, o)
+    cells = c.n_swa if m.swa_layers[il] else c.n_ctx
+    k = _row_bytes(m.n_head_kv[il] * m.head_dim_k, o.cache_type_k)
+    v = _row_bytes(m.n_head_kv[il] * m.head_dim_v, o.cache_type_v)
+    return cells * (k + v)
+
+
+def compute_bytes(m: Model, o: Options, c: _Ctx | None = None, *, logits: bool = True,
+                  attention: bool = True) -> int:
+    """Peak of llama.cpp's compute buffer for one device.
+
+    ``logits``: the output layer runs here; ``attention``: some blocks run here."""
+    c = c or _context(m, o)
+    ub = c.n_ubatch
+    phases = [ub * 4 * 2 * m.n_embd]
+    if logits:
+        # logits of the whole ubatch (f32) and the hidden state feeding them; without flash
+        # attention the allocator keeps up to one more activation alive.
+        phases.append(ub * 4 * (m.n_vocab + (2 * m.n_embd if o.fa else 5 * m.n_embd // 2)))
+    if attention:
+        n_kv = c.n_ctx if not all(m.swa_layers) else c.n_swa
+        act = ub * 4 * 6 * m.n_embd  # q, k, v, residual, norms of a ubatch
+        if o.fa:
+            phases.append(n_kv * _pad(ub, 64) * 2 + act)  # f16 mask
+        else:
+            masks = n_kv * ub * 4 + (c.n_swa * ub * 4 if any(m.swa_layers) and c.n_swa != n_kv else 0)
+            phases.append(n_kv * ub * 4 * m.n_head + masks + act)  # f32 scores of every head
+        phases.append(ub * 4 * (3 * m.n_ff + 2 * m.n_embd))
+    return max(phases)
+
+
+def output_bytes(m: Model) -> int:
+    """The logits of one output row, f32 (n_seq_max = 1), as llama.cpp first reserves them."""
+    return m.n_vocab * 4
+
+
+# ----------------------------------------------------------------------------------------------
+# Planning
+
+
+def memory(m: Model, hw: Hardware, o: Options, gpu_layers: int) -> tuple[Memory, Memory]:
+    """(cpu, gpu) memory with ``gpu_layers`` offloaded (llama.cpp's n_gpu_layers semantics)."""
+    c = _context(m, o)
+    gpu_layers = max(0, min(gpu_layers, m.n_layer + 1)) if hw.vram > 0 else 0
+    first_gpu = m.n_layer + 1 - gpu_layers  # blocks il >= first_gpu run on the GPU
+    out_on_gpu = gpu_layers >= 1
+    cpu, gpu = Memory(), Memory()
+    cpu.weights = m.embd_bytes
+    for il in range(m.n_layer):
+        dev = gpu if il >= first_gpu else cpu
+        dev.weights += m.layer_bytes[il]
+        dev.kv += kv_layer_bytes(m, o, il, c)
+    out_dev = gpu if out_on_gpu else cpu
+    out_dev.weights += m.output_bytes
+    if m.tied_output and not out_on_gpu:
+        cpu.weights -= m.output_bytes  # the output is the token embedding itself
+    cpu.output = _pad(output_bytes(m), 32)
+    if gpu_layers:
+        gpu.compute = compute_bytes(m, o, c, logits=True, attention=first_gpu < m.n_layer)
+        # the CPU still embeds tokens and holds what moves between devices
+        cpu.compute = compute_bytes(m, o, c, logits=False, attention=first_gpu > 0)
+        gpu.overhead = GPU_OVERHEAD.get(hw.backend, GPU_OVERHEAD["cuda"])
+    else:
+        cpu.compute = compute_bytes(m, o, c)
+    cpu.overhead = PROCESS_RAM
+    return cpu, gpu
+
+
+def _budgets(hw: Hardware) -> tuple[int, int]:
+    vram = int(hw.vram * (1 - VRAM_MARGIN))
+    ram = int(hw.ram * (1 - RAM_MARGIN))
+    return ram, vram
+
+
+def _fits(hw: Hardware, cpu: Memory, gpu: Memory) -> bool:
+    ram, vram = _budgets(hw)
+    if hw.unified:  # one pool: the GPU's share is capped by the working-set limit
+        return gpu.total <= vram and cpu.total + gpu.total <= ram
+    return cpu.total <= ram and gpu.total <= vram
+
+
+def plan(info_or_model, hardware: Hardware, options: Options = Options(), *,
+         draft=None) -> Plan:
+    """The memory plan for a model (a GGUFInfo or a ``Model``) on ``hardware``.
+
+    With ``options.gpu_layers`` None, the most layers whose memory fits with the safety
+    margins; otherwise the given count. ``draft`` (a GGUFInfo or Model) adds a draft model
+    with the same context, placed on the GPU first when it fits (its plan is ``plan.draft``).
+    """
+    options.check()
+    m = info_or_model if isinstance(info_or_model, Model) else facts(info_or_model)
+    d = None
+    if draft is not None:
+        dm = draft if isinstance(draft, Model) else facts(draft)
+        d = plan(dm, hardware, replace(options, gpu_layers=options.gpu_layers and dm.n_layer + 1))
+    hw = hardware
+    if d is not None:  # the target gets what the draft leaves
+        hw = replace(hardware, ram=hardware.ram - int(d.cpu.total / (1 - RAM_MARGIN)),
+                     vram=max(0, hardware.vram - int((d.gpu.total - d.gpu.overhead) / (1 - VRAM_MARGIN))))
+    c = _context(m, options)
+    if options.gpu_layers is not None:
+        n = max(0, min(options.gpu_layers, m.n_layer + 1)) if hw.vram > 0 else 0
+    else:
+        n = _most_layers(m, hw, options)
+    cpu, gpu = memory(m, hw, options, n)
+    fits = _fits(hw, cpu, gpu)
+    if not fits:
+        verdict = "no-fit"
+    elif n == 0:
+        verdict = "cpu"
+    elif n >= m.n_layer + 1:
+        verdict = "gpu"
+    else:
+        verdict = "partial"
+    kv_tok = sum(kv_layer_bytes(m, replace(options, n_ctx=CTX_PAD), il) for il in range(m.n_layer)
+                 if not m.swa_layers[il]) // CTX_PAD
+    p = Plan(model=m.name, hardware=hardware, options=options, n_ctx=c.n_ctx, n_ctx_swa=c.n_swa,
+             n_ubatch=c.n_ubatch, n_layer=m.n_layer, gpu_layers=n, cpu=cpu, gpu=gpu,
+             verdict=verdict, fits=fits, kv_per_token=kv_tok, draft=d)
+    if options.n_ctx > m.n_ctx_train:
+        p.notes.append(f"context {options.n_ctx} is beyond the training context {m.n_ctx_train}")
+    return p
+
+
+def _most_layers(m: Model, hw: Hardware, o: Options) -> int:
+    if hw.vram <= 0:
+        return 0
+    for n in range(m.n_layer + 1, 0, -1):
+        cpu, gpu = memory(m, hw, o, n)
+        if _fits(hw, cpu, gpu):
+            return n
+    return 0
+
+
+def largest_context(info_or_model, hardware: Hardware, options: Options = Options(), *,
+                    draft=None, limit: int | None = None) -> int:
+    """The largest n_ctx (a multiple of 256, at most the training context or ``limit``) whose
+    plan fits; 0 when not even 256 tokens fit. Keeps ``options.gpu_layers`` (None: chosen
+    anew for each size, so a long context may push layers back to the CPU)."""
+    m = info_or_model if isinstance(info_or_model, Model) else facts(info_or_model)
+    top = limit or m.n_ctx_train
+    dm = None if draft is None else (draft if isinstance(draft, Model) else facts(draft))
+
+    def ok(n: int) -> bool:
+        return plan(m, hardware, replace(options, n_ctx=n), draft=dm).fits
+
+    lo, hi = 0, top // CTX_PAD
+    if hi and ok(hi * CTX_PAD):
+        return hi * CTX_PAD
+    while lo < hi - 1:
+        mid = (lo + hi) // 2
+        if ok(mid * CTX_PAD):
+            lo = mid
+        else:
+            hi = mid
+    return lo * CTX_PAD
+
+
+@dataclass
+class Suggestion:
+    change: str
+    plan: Plan
+
+
+def suggestions(m: Model, hardware: Hardware, options: Options, *, draft=None) -> list[Suggestion]:
+    """What to change when ``options`` do not give a full GPU fit: each change with its plan."""
+    out: list[Suggestion] = []
+    tries = []
+    if options.cache_type_k != "q8_0" or options.cache_type_v != "q8_0":
+        tries.append(("--cache-type-k q8_0 --cache-type-v q8_0",
+                      replace(options, cache_type_k="q8_0", cache_type_v="q8_0", flash_attn="on")))
+    if options.n_ctx > 2048:
+        tries.append((f"--ctx {options.n_ctx // 2}", replace(options, n_ctx=options.n_ctx // 2)))
+    if options.n_ubatch > 128:
+        tries.append(("--ubatch 128", replace(options, n_ubatch=128)))
+    for change, o in tries:
+        p = plan(m, hardware, o, draft=draft)
+        out.append(Suggestion(change, p))
+    if m.quant:
+        # a smaller quant: the weights scale with bits per weight (Q4_K_M ~4.8, Q3_K_M ~3.9)
+        small = replace(m, name=m.name, layer_bytes=tuple(int(b * 0.6) for b in m.layer_bytes),
+                        output_bytes=int(m.output_bytes * 0.6), embd_bytes=int(m.embd_bytes * 0.6))
+        out.append(Suggestion("a quant ~40% smaller (e.g. Q4_K_M instead of Q8_0, Q3_K_M instead of Q4_K_M)",
+                              plan(small, hardware, options, draft=draft)))
+    return out
+
+
+# ----------------------------------------------------------------------------------------------
+# llama.cpp's own dry run
+
+
+@dataclass
+class Check:
+    """What llama.cpp's dry run logged for one configuration (bytes; None when not logged)."""
+
+    options: Options
+    ok: bool
+    kv: int | None = None
+    compute: int | None = None
+    output: int | None = None
+    error: str | None = None
+
+
+def check(path: str, configs: list[Options], *, timeout: float = 120) -> list[Check]:
+    """Run llama.cpp's dry run (no_alloc, load_mode 0) for each of ``configs`` on the CPU, in a
+    subprocess so that a native abort cannot take the caller down."""
+    payload = json.dumps({"path": str(path), "configs": [asdict(c) for c in configs]})
+    proc = subprocess.run([sys.executable, "-m", "infer_cli.fit"], input=payload, text=True,
+                          capture_output=True, timeout=timeout)
+    results = []
+    lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    for o, ln in zip(configs, lines):
+        r = json.loads(ln)
+        results.append(Check(o, r["ok"], r.get("kv"), r.get("compute"), r.get("output"), r.get("error")))
+    for o in configs[len(results):]:
+        err = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
+        results.append(Check(o, False, error=f"the dry run stopped: {err}"))
+    return results
+
+
+_FA = {"auto": -1, "off": 0, "on": 1}
+
+
+def _dry_run_main() -> None:
+    import ctypes
+
+    import llama_cpp as L
+
+    from . import llama_log
+    from .engine import KV_TYPES
+
+    req = json.loads(sys.stdin.read())
+    llama_log.install()
+    L.llama_backend_init()
+    p = L.llama_model_default_params()
+    p.no_alloc = True
+    p.load_mode = 0
+    p.n_gpu_layers = 0
+    mark = llama_log.mark()
+    model = L.llama_model_load_from_file(req["path"].encode(), p)
+    if not model:
+        err = llama_log.last_error(mark) or "could not load"
+        for _ in req["configs"]:
+            print(json.dumps({"ok": False, "error": err}), flush=True)
+        return
+    for cfg in req["configs"]:
+        c = L.llama_context_default_params()
+        c.n_ctx, c.n_batch, c.n_ubatch = cfg["n_ctx"], cfg["n_batch"], cfg["n_ubatch"]
+        c.type_k, c.type_v = KV_TYPES[cfg["cache_type_k"]], KV_TYPES[cfg["cache_type_v"]]
+        c.flash_attn_type = _FA[cfg["flash_attn"]]
+        c.swa_full = cfg["swa_full"]
+        c.no_perf = True
+        c.n_threads = c.n_threads_batch = 1
+        mark = llama_log.mark()
+        ctx = L.llama_init_from_model(model, c)
+        log = llama_log.since(mark)
+        if not ctx:
+            print(json.dumps({"ok": False, "error": llama_log.last_error(mark)}), flush=True)
+            continue
+        print(json.dumps({"ok": True, "kv": llama_log.kv_cache_bytes(log),
+                          "compute": llama_log.buffer_bytes(log, "compute"),
+                          "output": llama_log.buffer_bytes(log, "output")}), flush=True)
+        L.llama_free(ctx)
+    del ctypes
+
+
+if __name__ == "__main__":
+    _dry_run_main()

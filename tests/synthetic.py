@@ -1,0 +1,133 @@
+"""Large GGUF models with realistic shapes and no weights, for memory planning tests.
+
+The files are sparse: header, metadata and tensor table are real, the data region is a hole
+of the right length. llama.cpp's dry run (``no_alloc`` + ``load_mode = 0``) reads no weights,
+so it plans these models exactly as it would the real ones.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+# Each shape: dims of the real model (from its config.json).
+@dataclass(frozen=True)
+class Shape:
+    name: str
+    arch: str
+    n_embd: int
+    n_layer: int
+    n_head: int
+    n_head_kv: int
+    head_dim: int
+    n_ff: int
+    n_vocab: int
+    n_ctx_train: int
+    weight_type: str = "Q4_K"
+    sliding_window: int = 0
+    swa_pattern: int = 0
+    tied_output: bool = False
+
+
+LLAMA3_8B = Shape("llama3-8b-shaped", "llama", 4096, 32, 32, 8, 128, 14336, 128256, 8192)
+GEMMA3_27B = Shape("gemma3-27b-shaped", "gemma3", 5376, 62, 32, 16, 128, 21504, 262208, 131072,
+                   sliding_window=1024, swa_pattern=6, tied_output=True)
+SHAPES = {s.name: s for s in (LLAMA3_8B, GEMMA3_27B)}
+
+
+def write(shape: Shape, path: Path) -> Path:
+    """Write ``shape`` as a sparse GGUF at ``path`` (skipped when it is already there)."""
+    import gguf
+    import numpy as np
+
+    path = Path(path)
+    if path.exists():
+        return path
+    tmp = path.with_name(path.name + f".{os.getpid()}.tmp")
+    w = gguf.GGUFWriter(str(tmp), shape.arch)
+    a = shape.arch
+    w.add_name(shape.name)
+    w.add_uint32(f"{a}.context_length", shape.n_ctx_train)
+    w.add_uint32(f"{a}.embedding_length", shape.n_embd)
+    w.add_uint32(f"{a}.block_count", shape.n_layer)
+    w.add_uint32(f"{a}.feed_forward_length", shape.n_ff)
+    w.add_uint32(f"{a}.attention.head_count", shape.n_head)
+    w.add_uint32(f"{a}.attention.head_count_kv", shape.n_head_kv)
+    w.add_uint32(f"{a}.attention.key_length", shape.head_dim)
+    w.add_uint32(f"{a}.attention.value_length", shape.head_dim)
+    w.add_float32(f"{a}.attention.layer_norm_rms_epsilon", 1e-6)
+    w.add_float32(f"{a}.rope.freq_base", 500000.0 if a == "llama" else 1000000.0)
+    w.add_uint32(f"{a}.rope.dimension_count", shape.head_dim)
+    w.add_uint32(f"{a}.vocab_size", shape.n_vocab)
+    if shape.sliding_window:
+        w.add_uint32(f"{a}.attention.sliding_window", shape.sliding_window)
+        w.add_float32(f"{a}.rope.freq_base_swa", 10000.0)
+    w.add_uint32("general.file_type", int(gguf.LlamaFileType.MOSTLY_Q4_K_M))
+    w.add_string("tokenizer.ggml.model", "llama")
+    tokens = ["<unk>", "<s>", "</s>"] + [f"t{i}" for i in range(3, shape.n_vocab)]
+    w.add_array("tokenizer.ggml.tokens", tokens)
+    w.add_array("tokenizer.ggml.scores", [0.0] * shape.n_vocab)
+    types = np.ones(shape.n_vocab, dtype=np.int32)
+    types[:3] = (2, 3, 3)
+    w.add_array("tokenizer.ggml.token_type", [int(t) for t in types])
+    w.add_uint32("tokenizer.ggml.bos_token_id", 1)
+    w.add_uint32("tokenizer.ggml.eos_token_id", 2)
+    for name, dims, qtype in _tensors(shape):
+        nbytes = _nbytes(dims, qtype)
+        # add_tensor_info takes numpy order (outermost first); GGUF stores it reversed.
+        w.add_tensor_info(name, list(reversed(dims)), np.dtype(np.float32), nbytes, raw_dtype=qtype)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_ti_data_to_file()
+    w.close()
+    from infer_cli.gguf_info import _pad  # the data region starts aligned
+
+    header = tmp.stat().st_size
+    total = _pad(header, 32)
+    for name, dims, qtype in _tensors(shape):
+        total = _pad(total + _nbytes(dims, qtype), 32)
+    with open(tmp, "r+b") as f:
+        f.truncate(total)
+    os.replace(tmp, path)
+    return path
+
+
+def _nbytes(dims: tuple[int, ...], qtype) -> int:
+    from gguf.constants import GGML_QUANT_SIZES
+
+    block, size = GGML_QUANT_SIZES[qtype]
+    n = 1
+    for d in dims:
+        n *= d
+    return n // block * size
+
+
+def _tensors(s: Shape):
+    """(name, dims in GGUF order (ne0 first), ggml type) for every tensor of the model."""
+    from gguf.constants import GGMLQuantizationType as T
+
+    q = T[s.weight_type]
+    f32 = T.F32
+    q6 = T.Q6_K
+    yield "token_embd.weight", (s.n_embd, s.n_vocab), q
+    yield "output_norm.weight", (s.n_embd,), f32
+    if not s.tied_output:
+        yield "output.weight", (s.n_embd, s.n_vocab), q6
+    nq, nkv = s.n_head * s.head_dim, s.n_head_kv * s.head_dim
+    for i in range(s.n_layer):
+        p = f"blk.{i}."
+        yield p + "attn_norm.weight", (s.n_embd,), f32
+        yield p + "attn_q.weight", (s.n_embd, nq), q
+        yield p + "attn_k.weight", (s.n_embd, nkv), q
+        yield p + "attn_v.weight", (s.n_embd, nkv), q6
+        yield p + "attn_output.weight", (nq, s.n_embd), q
+        if s.arch == "gemma3":
+            yield p + "attn_q_norm.weight", (s.head_dim,), f32
+            yield p + "attn_k_norm.weight", (s.head_dim,), f32
+            yield p + "post_attention_norm.weight", (s.n_embd,), f32
+            yield p + "post_ffw_norm.weight", (s.n_embd,), f32
+        yield p + "ffn_norm.weight", (s.n_embd,), f32
+        yield p + "ffn_gate.weight", (s.n_embd, s.n_ff), q
+        yield p + "ffn_up.weight", (s.n_embd, s.n_ff), q
+        yield p + "ffn_down.weight", (s.n_ff, s.n_embd), q6
