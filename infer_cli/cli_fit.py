@@ -1,7 +1,260 @@
-"""`infer fit`: the command's front door (filled in by the fit work)."""
+"""`infer fit`: hardware, memory plan per device, GPU layers and the largest context.
+
+Only parsing and rendering here; the plan is ``infer_cli.fit``, the probes ``infer_cli.hardware``.
+Heavy modules are imported inside the command (``infer --help`` stays instant).
+"""
 
 from __future__ import annotations
+
+from typing import Annotated, Optional
+
+import typer
+
+from .errors import human_bytes
+
+KV_CHOICES = ("f16", "q8_0", "q4_0")
 
 
 def register(app) -> None:
     """Add the `fit` command to the Typer app."""
+    app.command("fit")(fit_command)
+
+
+def fit_command(
+    model: Annotated[Optional[str], typer.Argument(
+        help="A .gguf path, alias, or org/repo (a hub repo: every quant, headers only).",
+        show_default=False)] = None,
+    hardware_only: Annotated[bool, typer.Option("--hardware", help="Only detect and print the hardware.")] = False,
+    ctx: Annotated[Optional[int], typer.Option("--ctx", "-c", help="Context length (default: models.toml, else min(training context, 4096)).", show_default=False)] = None,
+    ubatch: Annotated[int, typer.Option("--ubatch", help="Physical batch size (the compute buffer scales with it).")] = 512,
+    batch: Annotated[int, typer.Option("--batch", help="Logical batch size.")] = 2048,
+    cache_type_k: Annotated[str, typer.Option("--cache-type-k", help="KV cache type for keys.")] = "f16",
+    cache_type_v: Annotated[str, typer.Option("--cache-type-v", help="KV cache type for values.")] = "f16",
+    flash_attn: Annotated[str, typer.Option("--flash-attn", help="auto, on or off.")] = "auto",
+    swa_full: Annotated[bool, typer.Option("--swa-full", help="Full-size cache for sliding-window layers.")] = False,
+    gpu_layers: Annotated[str, typer.Option("--gpu-layers", help="A number, or auto (the most that fit).")] = "auto",
+    gpu: Annotated[Optional[str], typer.Option("--gpu", help="Plan for a hardware profile instead: 'RTX 4090', 'H100 80GB', 'M3 Max 64GB', 'CPU 16GB', ...", show_default=False)] = None,
+    ram: Annotated[Optional[str], typer.Option("--ram", help="Plan for this much RAM (e.g. 16G).", show_default=False)] = None,
+    vram: Annotated[Optional[str], typer.Option("--vram", help="Plan for a CUDA GPU with this much memory (e.g. 24G).", show_default=False)] = None,
+    draft: Annotated[Optional[str], typer.Option("--draft", help="Add a draft model (speculative decoding) to the plan.", show_default=False)] = None,
+    check: Annotated[bool, typer.Option("--check", help="Also run llama.cpp's own dry run and show its sizes beside ours.")] = False,
+    json_mode: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+) -> None:
+    """Predict RAM and VRAM per component, choose GPU layers and the largest context that fits."""
+    from . import fit, hardware
+    from .cli import _output
+
+    out = _output(json_mode)
+    opts = fit.Options(n_ctx=ctx or 4096, n_batch=batch, n_ubatch=ubatch,
+                       cache_type_k=cache_type_k.lower(), cache_type_v=cache_type_v.lower(),
+                       flash_attn=flash_attn.lower(), swa_full=swa_full,
+                       gpu_layers=_layers(gpu_layers))
+    opts.check()
+    what_if = gpu is not None or ram is not None or vram is not None
+    machine = hardware.detect(llama=not what_if or hardware_only)
+    hw = _target(machine, gpu, ram, vram)
+    if hardware_only:
+        _emit_hardware(out, machine, json_mode)
+        return
+    if model is not None and _is_hub_repo(model):
+        _hub_matrix(out, model, opts, [hw] if what_if else _matrix_profiles(), json_mode)
+        return
+    from . import store
+    from .gguf_info import read_gguf, read_split
+
+    resolved = store.resolve(model, download=False)
+    info = read_gguf(resolved.path) if len(resolved.paths) == 1 else read_split([str(p) for p in resolved.paths])
+    if ctx is None:
+        trained = info.context_length
+        default = resolved.entry.context if resolved.entry and resolved.entry.context else None
+        opts = fit.replace(opts, n_ctx=default or (min(trained, 4096) if trained else 4096))
+    draft_info = None
+    if draft:
+        d = store.resolve(draft, download=False)
+        draft_info = read_gguf(d.path)
+    m = fit.facts(info)
+    p = fit.plan(m, hw, opts, draft=draft_info)
+    largest = {kv: fit.largest_context(m, hw, fit.replace(opts, cache_type_k=kv, cache_type_v=kv,
+                                                          flash_attn="on" if kv != "f16" else opts.flash_attn),
+                                       draft=draft_info) for kv in KV_CHOICES}
+    tips = fit.suggestions(m, hw, opts, draft=draft_info) if p.verdict != "gpu" or not p.fits else []
+    checks = fit.check(str(resolved.path), [opts]) if check else []
+    if json_mode:
+        doc = {"model": resolved.name, "path": str(resolved.path), "plan": p.as_dict(),
+               "largest_context": largest,
+               "suggestions": [{"change": s.change, "verdict": s.plan.verdict_text, "fits": s.plan.fits,
+                                "gpu_layers": s.plan.gpu_layers, "total": s.plan.total} for s in tips]}
+        if not what_if:
+            doc["machine"] = _machine_doc(machine)
+        if checks:
+            c = checks[0]
+            doc["check"] = {"ok": c.ok, "kv": c.kv, "compute": c.compute, "output": c.output,
+                            "error": c.error}
+        out.json(doc)
+        return
+    if not what_if:
+        _emit_hardware(out, machine, False)
+    _emit_plan(out, resolved.name, m, p, largest, tips, checks)
+
+
+def _layers(value: str) -> int | None:
+    if value.strip().lower() == "auto":
+        return None
+    try:
+        n = int(value)
+    except ValueError:
+        raise typer.BadParameter(f"'{value}' is not a number or auto", param_hint="--gpu-layers") from None
+    return 10**6 if n < 0 else n
+
+
+def _target(machine, gpu: str | None, ram: str | None, vram: str | None):
+    from . import fit, hardware
+
+    if gpu is not None:
+        hw = hardware.profile(gpu)
+    elif vram is not None or ram is not None:
+        hw = fit.Hardware("what-if", ram=machine.ram_total, vram=0, backend="cuda")
+    else:
+        return machine.hardware()
+    if ram is not None:
+        hw = fit.replace(hw, ram=hardware.parse_size(ram, "--ram"))
+    if vram is not None:
+        size = hardware.parse_size(vram, "--vram")
+        hw = fit.replace(hw, vram=size, backend=hw.backend or "cuda")
+    parts = [hw.name] if gpu else []
+    parts += [f"RAM {human_bytes(hw.ram)}", f"VRAM {human_bytes(hw.vram)}" if hw.vram else "no GPU"]
+    return fit.replace(hw, name=", ".join(parts) if not gpu else f"{hw.name} ({', '.join(parts[1:])})")
+
+
+def _is_hub_repo(ref: str) -> bool:
+    from .registry import HubRef, load_catalog, parse_ref
+
+    try:
+        parsed = parse_ref(ref, load_catalog())
+    except Exception:  # noqa: BLE001 - let resolve() report a bad reference
+        return False
+    if not isinstance(parsed, HubRef) or getattr(parsed, "quant", None) or getattr(parsed, "filename", None):
+        return False
+    from . import hub
+
+    # a repo already pulled is planned from its local file
+    return not hub.find_cached(parsed.repo_id)
+
+
+def _matrix_profiles():
+    from . import hardware
+
+    return [hardware.profile(p) for p in ("H100 80GB", "A100 40GB", "RTX 4090", "RTX 3060",
+                                          "M3 Max 64GB", "M2 16GB", "CPU 16GB")]
+
+
+# --- rendering ------------------------------------------------------------------------------
+
+def _machine_doc(machine) -> dict:
+    from dataclasses import asdict
+
+    return asdict(machine)
+
+
+def _emit_hardware(out, machine, json_mode: bool) -> None:
+    if json_mode:
+        out.json({"machine": _machine_doc(machine)})
+        return
+    from rich.table import Table
+
+    t = Table(box=None, show_header=False, pad_edge=False, title="Hardware", title_justify="left")
+    t.add_column(style="bold")
+    t.add_column(overflow="fold")
+    t.add_row("CPU", f"{machine.cpu_model}, {machine.physical_cores} cores ({machine.logical_cores} threads)")
+    if machine.simd:
+        t.add_row("SIMD", " ".join(machine.simd))
+    t.add_row("RAM", f"{human_bytes(machine.ram_total)} total, {human_bytes(machine.ram_available)} available")
+    for g in machine.gpus:
+        free = f", {human_bytes(g.vram_free)} free" if g.vram_free is not None else ""
+        extra = ", ".join(x for x in (f"compute {g.compute_capability}" if g.compute_capability else "",
+                                      f"driver {g.driver}" if g.driver else "") if x)
+        t.add_row("GPU", f"{g.name}: {human_bytes(g.vram_total)}{free}" + (f" ({extra})" if extra else ""))
+    if not machine.gpus:
+        t.add_row("GPU", "none found")
+    if machine.llama_devices:
+        t.add_row("llama.cpp devices", ", ".join(machine.llama_devices))
+    t.add_row("GPU offload", "yes" if machine.gpu_offload else "no (this llama.cpp build is CPU-only)")
+    if machine.fix:
+        t.add_row("fix", machine.fix)
+    out.result(t)
+
+
+def _emit_plan(out, name, m, p, largest, tips, checks) -> None:
+    from rich.table import Table
+
+    o = p.options
+    out.result(f"\n[bold]{name}[/]: {m.arch}, {m.n_layer} layers, {m.quant or '?'}, "
+               f"{human_bytes(m.weights_bytes)} of weights")
+    swa = f" ({p.n_ctx_swa} on sliding-window layers)" if p.n_ctx_swa != p.n_ctx else ""
+    out.result(f"Plan for {p.hardware.name}: context {p.n_ctx}{swa}, ubatch {p.n_ubatch}, "
+               f"KV {o.cache_type_k}/{o.cache_type_v}, flash attention {o.flash_attn}")
+    t = Table(box=None, pad_edge=False)
+    for col in ("", "CPU (RAM)", "GPU (VRAM)"):
+        t.add_column(col, justify="right" if col else "left")
+    for comp in ("weights", "kv", "compute", "output", "overhead", "total"):
+        a, b = getattr(p.cpu, comp), getattr(p.gpu, comp)
+        label = {"kv": "KV cache", "overhead": "runtime allowance"}.get(comp, comp)
+        t.add_row(label, human_bytes(a), human_bytes(b) if b else "-")
+    out.result(t)
+    if p.draft is not None:
+        out.result(f"draft {p.draft.model}: {human_bytes(p.draft.total)} "
+                   f"({p.draft.verdict_text}), included in the budget")
+    colour = {"gpu": "green", "partial": "yellow", "cpu": "cyan", "no-fit": "red"}[p.verdict]
+    out.result(f"Verdict: [{colour}]{p.verdict_text}[/] (--gpu-layers {p.gpu_layers})")
+    out.result("Largest context: " + ", ".join(f"{kv} KV {n:,}" if n else f"{kv} KV none"
+                                               for kv, n in largest.items()))
+    for note in p.notes:
+        out.info(f"[dim]note: {note}[/]")
+    if tips:
+        out.result("To do better:")
+        for s in tips:
+            out.result(f"  {s.change}: {s.plan.verdict_text}, {human_bytes(s.plan.total)} in all")
+    for c in checks:
+        if not c.ok:
+            out.result(f"llama.cpp dry run failed: {c.error}")
+            continue
+        ct = Table(box=None, pad_edge=False, title="Cross-check (llama.cpp dry run, CPU)", title_justify="left")
+        for col in ("", "ours", "llama.cpp", "diff"):
+            ct.add_column(col, justify="right" if col else "left")
+        cpu_plan = p if p.gpu_layers == 0 else None
+        for comp, theirs in (("kv", c.kv), ("compute", c.compute), ("output", c.output)):
+            ours = (getattr(cpu_plan.cpu, comp) if cpu_plan else
+                    getattr(p.cpu, comp) + getattr(p.gpu, comp) if comp == "kv" else None)
+            if ours is None:
+                from . import fit
+
+                ours = getattr(fit.memory(m, fit.Hardware("cpu", ram=1 << 50), p.options, 0)[0], comp)
+            diff = f"{(ours - theirs) / theirs * 100:+.2f}%" if theirs else "-"
+            ct.add_row(comp, human_bytes(ours), human_bytes(theirs) if theirs is not None else "-", diff)
+        out.result(ct)
+
+
+def _hub_matrix(out, repo_id: str, opts, profiles, json_mode: bool) -> None:
+    from . import fit
+
+    rows = []
+    for quant, info in fit.hub_infos(repo_id):
+        m = fit.facts(info)
+        for hw in profiles:
+            p = fit.plan(m, hw, opts)
+            rows.append({"quant": quant, "hardware": hw.name, "verdict": p.verdict,
+                         "verdict_text": p.verdict_text, "gpu_layers": p.gpu_layers,
+                         "weights": m.weights_bytes, "total": p.total,
+                         "largest_context": fit.largest_context(m, hw, fit.replace(opts, gpu_layers=None))})
+    if json_mode:
+        out.json({"repo": repo_id, "options": fit.asdict(opts), "matrix": rows})
+        return
+    from rich.table import Table
+
+    t = Table(box=None, pad_edge=False, title=f"{repo_id}: context {opts.n_ctx}", title_justify="left")
+    for col in ("QUANT", "WEIGHTS", "HARDWARE", "VERDICT", "GPU LAYERS", "LARGEST CONTEXT"):
+        t.add_column(col)
+    for r in rows:
+        t.add_row(r["quant"], human_bytes(r["weights"]), r["hardware"], r["verdict_text"],
+                  str(r["gpu_layers"]), f"{r['largest_context']:,}")
+    out.result(t)

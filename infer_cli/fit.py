@@ -105,12 +105,14 @@ class Model:
     embd_bytes: int               # token embedding (always on the CPU)
     output_bytes: int             # output matrix + final norm (with the output layer)
     tied_output: bool             # output matrix is the token embedding: duplicated on a GPU
+    tied_bytes: int               # that duplicate (counted in output_bytes; 0 when untied)
     file_bytes: int
     quant: str = ""
 
     @property
     def weights_bytes(self) -> int:
-        return sum(self.layer_bytes) + self.embd_bytes + self.output_bytes
+        """What the file holds: a tied output matrix counts once."""
+        return sum(self.layer_bytes) + self.embd_bytes + self.output_bytes - self.tied_bytes
 
 
 @dataclass(frozen=True)
@@ -220,16 +222,16 @@ def facts(info) -> Model:
             output += t.n_bytes
             has_output |= t.name == "output.weight"
     tied = not has_output
-    if tied:
-        tok = info.tensor("token_embd.weight")
-        output += tok.n_bytes if tok is not None else 0
+    tok = info.tensor("token_embd.weight")
+    tied_bytes = tok.n_bytes if tied and tok is not None else 0
+    output += tied_bytes
     return Model(
         name=info.name or os.path.basename(info.path), arch=arch, n_layer=n_layer, n_embd=n_embd,
         n_head=n_head, n_head_kv=kv_heads, head_dim_k=info.key_length or n_embd // n_head,
         head_dim_v=info.value_length or n_embd // n_head, n_ff=info.feed_forward_length or 4 * n_embd,
         n_vocab=info.vocab_size or 0, n_ctx_train=info.context_length or 4096, n_swa=n_swa,
         swa_layers=_swa_layers(info, arch, n_layer, n_swa), layer_bytes=tuple(layer_bytes),
-        embd_bytes=embd, output_bytes=output, tied_output=tied, file_bytes=info.file_size,
+        embd_bytes=embd, output_bytes=output, tied_output=tied, tied_bytes=tied_bytes, file_bytes=info.file_size,
         quant=info.file_type_name or "")
 
 
@@ -335,8 +337,8 @@ def memory(m: Model, hw: Hardware, o: Options, gpu_layers: int) -> tuple[Memory,
         dev.kv += kv_layer_bytes(m, o, il, c)
     out_dev = gpu if out_on_gpu else cpu
     out_dev.weights += m.output_bytes
-    if m.tied_output and not out_on_gpu:
-        cpu.weights -= m.output_bytes  # the output is the token embedding itself
+    if not out_on_gpu:
+        cpu.weights -= m.tied_bytes  # the output is the token embedding itself
     cpu.output = _pad(output_bytes(m), 32)
     if gpu_layers:
         gpu.compute = compute_bytes(m, o, c, logits=True, attention=first_gpu < m.n_layer)
@@ -461,8 +463,9 @@ def suggestions(m: Model, hardware: Hardware, options: Options, *, draft=None) -
         out.append(Suggestion(change, p))
     if m.quant:
         # a smaller quant: the weights scale with bits per weight (Q4_K_M ~4.8, Q3_K_M ~3.9)
-        small = replace(m, name=m.name, layer_bytes=tuple(int(b * 0.6) for b in m.layer_bytes),
-                        output_bytes=int(m.output_bytes * 0.6), embd_bytes=int(m.embd_bytes * 0.6))
+        small = replace(m, layer_bytes=tuple(int(b * 0.6) for b in m.layer_bytes),
+                        output_bytes=int(m.output_bytes * 0.6), embd_bytes=int(m.embd_bytes * 0.6),
+                        tied_bytes=int(m.tied_bytes * 0.6))
         out.append(Suggestion("a quant ~40% smaller (e.g. Q4_K_M instead of Q8_0, Q3_K_M instead of Q4_K_M)",
                               plan(small, hardware, options, draft=draft)))
     return out
@@ -549,3 +552,76 @@ def _dry_run_main() -> None:
 
 if __name__ == "__main__":
     _dry_run_main()
+
+
+# ----------------------------------------------------------------------------------------------
+# Hub repos: headers through HTTP range requests
+
+
+class _Prefix:
+    """A read-only file over the first bytes of a remote file: reads past them return nothing,
+    which the GGUF reader reports as truncation at ``len(data)``."""
+
+    def __init__(self, data: bytes):
+        self.data, self.pos = data, 0
+
+    def seek(self, pos: int) -> None:
+        self.pos = pos
+
+    def read(self, n: int) -> bytes:
+        out = self.data[self.pos:self.pos + n]
+        self.pos += len(out)
+        return out
+
+
+def read_remote(repo_id: str, filename: str, size: int, *, revision: str = "main",
+                first: int = 1 << 20, limit: int = 64 << 20):
+    """The GGUFInfo of ``filename`` in a hub repo, from range requests of growing prefixes
+    (1 MiB, then doubling up to 64 MiB). Nothing is downloaded whole."""
+    import httpx
+    from huggingface_hub import hf_hub_url
+
+    from . import gguf_info, hub, paths
+
+    url = hf_hub_url(repo_id, filename, revision=revision, endpoint=paths.hf_endpoint())
+    headers = hub._headers(None)
+    data = b""
+    want = first
+    with httpx.Client(follow_redirects=True, timeout=30) as client:
+        while True:
+            if len(data) < want:
+                r = client.get(url, headers={**headers, "Range": f"bytes={len(data)}-{want - 1}"})
+                if r.status_code not in (200, 206):
+                    from .errors import DownloadFailed
+
+                    raise DownloadFailed(f"{repo_id}/{filename}", f"the Hub answered HTTP {r.status_code}")
+                chunk = r.content if r.status_code == 206 else r.content[len(data):want]
+                data += chunk[: want - len(data)]
+            reader = gguf_info._Reader(_Prefix(data), size, f"{repo_id}/{filename}")
+            try:
+                return gguf_info._Parser(reader, False).parse()
+            except BadModelFile as e:
+                truncated = e.reason.startswith(f"truncated: the file ends at byte {len(data):,}")
+                if not truncated or len(data) >= size or want >= limit:
+                    raise
+                want = min(want * 4, limit, size)
+
+
+def hub_infos(repo_id: str, *, revision: str | None = None) -> list[tuple[str, Any]]:
+    """(quant, GGUFInfo) for each GGUF of a hub repo (first shard of a split), headers only."""
+    from . import hub
+
+    rev = revision or "main"
+    commit, files = hub._list_repo(repo_id, rev, None)
+    out = []
+    for unit in hub._units(files):
+        if unit.aux or unit.missing:
+            continue
+        infos = [read_remote(repo_id, f.filename, f.size or 0, revision=commit or rev)
+                 for f in unit.files]
+        info = infos[0]
+        if len(infos) > 1:  # a split GGUF: metadata from the first shard, every shard's tensors
+            info = replace(info, tensors=[t for i in infos for t in i.tensors],
+                           file_size=sum(i.file_size for i in infos))
+        out.append((unit.label or unit.name, info))
+    return out
