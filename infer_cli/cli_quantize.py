@@ -1,7 +1,172 @@
-"""`infer quantize`: the command's front door (filled in by the quantize work)."""
+"""`infer quantize`: the command's front door. Parses, calls the quantize package, renders.
+
+Everything heavy (llama_cpp, numpy, gguf, the quantize package) is imported inside the command.
+"""
 
 from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from quantize.types import TYPES, names
+
+_TO_HELP = ("Target precisions, comma-separated: " + ", ".join(names())
+            + ". `--list` describes them.")
 
 
 def register(app) -> None:
     """Add the `quantize` command to the Typer app."""
+    app.command(name="quantize")(quantize_cmd)
+
+
+def quantize_cmd(
+    source: Annotated[Optional[str], typer.Argument(
+        help="A GGUF file, or a Hugging Face checkpoint folder (config.json, *.safetensors, "
+             "tokenizer files).", show_default=False)] = None,
+    to: Annotated[Optional[str], typer.Option("--to", help=_TO_HELP, show_default=False)] = None,
+    output_dir: Annotated[Optional[Path], typer.Option(
+        "--output-dir", "-o", help="Folder for the outputs (default: beside the source).",
+        show_default=False)] = None,
+    list_types: Annotated[bool, typer.Option("--list", help="List the precisions and exit.")] = False,
+    allow_requantize: Annotated[bool, typer.Option(
+        "--allow-requantize", help="Quantize a GGUF that is already quantized (losses compound).")] = False,
+    imatrix: Annotated[Optional[Path], typer.Option(
+        "--imatrix", help="Importance matrix from llama-imatrix (required for IQ1/IQ2 types).",
+        show_default=False)] = None,
+    output_tensor_type: Annotated[Optional[str], typer.Option(
+        "--output-tensor-type", help="Tensor type for output.weight, e.g. q8_0.", show_default=False)] = None,
+    token_embedding_type: Annotated[Optional[str], typer.Option(
+        "--token-embedding-type", help="Tensor type for token_embd.weight.", show_default=False)] = None,
+    pure: Annotated[bool, typer.Option("--pure", help="Every tensor at the target type, no k-quant mix.")] = False,
+    tensor_type: Annotated[Optional[list[str]], typer.Option(
+        "--tensor-type", help="Per-tensor override NAME=TYPE, NAME a regex (repeatable), "
+        "e.g. attn_v=q8_0.", show_default=False)] = None,
+    reference: Annotated[Optional[Path], typer.Option(
+        "--reference", help="GGUF to compare against (default: the unquantized source).",
+        show_default=False)] = None,
+    eval_text: Annotated[Optional[Path], typer.Option(
+        "--eval-text", help="Text for perplexity and KL divergence (default: English prose "
+        "from Python's own documentation).", show_default=False)] = None,
+    eval_tokens: Annotated[int, typer.Option("--eval-tokens", help="Tokens of the text to evaluate.")] = 2048,
+    no_report: Annotated[bool, typer.Option("--no-report", help="Skip the measurements.")] = False,
+    threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads.", show_default=False)] = None,
+    json_mode: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+) -> None:
+    """Convert a checkpoint to GGUF and quantize it to llama.cpp precisions, then measure each
+    output's size, speed and quality."""
+    from .ui import Output
+
+    out = Output(json_mode=json_mode)
+    if list_types:
+        _print_list(out, json_mode)
+        return
+    if source is None or not to:
+        raise typer.BadParameter("give SOURCE and --to TYPES (or --list)", param_hint="SOURCE")
+    from quantize import api
+    from quantize.llama_quant import QuantOptions
+
+    targets = api.parse_targets(to)
+    opts = QuantOptions(allow_requantize=allow_requantize, imatrix=imatrix,
+                        output_tensor_type=output_tensor_type,
+                        token_embedding_type=token_embedding_type, pure=pure,
+                        tensor_types=api.parse_tensor_types(tensor_type or []),
+                        threads=threads or 0)
+    plan = api.make_plan(source, targets, output_dir)
+    text = None
+    if not no_report:
+        from quantize.report import eval_text as read_text
+
+        text = read_text(eval_text)  # a bad --eval-text fails before any work
+    with _tensor_bars(out) as progress:
+        results, base = api.run(plan, opts, progress=progress)
+    try:
+        for r in results:
+            for w in r.warnings:
+                out.warn(w)
+            out.info(f"wrote {r.path}")
+        if no_report:
+            if json_mode:
+                out.json({"outputs": [_result_dict(r) for r in results]})
+            return
+        ref = reference or base or plan.source
+        _report(out, ref, results, text, eval_tokens, threads, json_mode, plan.outdir)
+    finally:
+        api.discard(base)
+
+
+def _result_dict(r) -> dict:
+    return {"type": r.qtype, "path": str(r.path), "size": r.size, "bpw": r.bpw, "seconds": r.seconds}
+
+
+def _print_list(out, json_mode: bool) -> None:
+    if json_mode:
+        out.json([{"name": t.name, "bpw": t.bpw, "description": t.description,
+                   "needs_imatrix": t.needs_imatrix} for t in TYPES])
+        return
+    from rich.table import Table
+
+    table = Table(box=None, pad_edge=False)
+    table.add_column("type")
+    table.add_column("bits/weight", justify="right")
+    table.add_column("description")
+    for t in TYPES:
+        table.add_row(t.name, f"{t.bpw:.2f}", t.description)
+    out.result(table)
+
+
+def _report(out, ref: Path, results, text, eval_tokens, threads, json_mode, workdir) -> None:
+    from quantize.report import iter_rows
+
+    from .errors import human_bytes
+
+    rows = []
+    for row in iter_rows(Path(ref), results, text=text, eval_tokens=eval_tokens,
+                         threads=threads, workdir=workdir):
+        rows.append(row)
+        if not json_mode:
+            out.info(f"measured {row.name}")
+    if json_mode:
+        out.json({"reference": str(ref), "rows": [r.as_dict() for r in rows]})
+        return
+    from rich.table import Table
+
+    table = Table(title=f"against {Path(ref).name}", box=None, pad_edge=False)
+    for col in ("type", "size", "bits/weight", "made in", "decode t/s", "KL mean", "KL p99",
+                "top-1", "perplexity"):
+        table.add_column(col, justify="left" if col == "type" else "right")
+    for r in rows:
+        q = r.quality
+        table.add_row(r.name, human_bytes(r.size), f"{r.bpw:.2f}",
+                      f"{r.seconds:.1f} s" if r.seconds is not None else "",
+                      f"{r.decode_tps:.1f}" if r.decode_tps else "",
+                      f"{q.kl_mean:.4f}", f"{q.kl_p99:.4f}", f"{q.top1:.1%}", f"{q.ppl:.3f}")
+    out.result(table)
+
+
+class _tensor_bars:
+    """A rich bar of tensors done per output, on a terminal only."""
+
+    def __init__(self, out):
+        self.out, self.bars, self.tasks = out, None, {}
+
+    def __enter__(self):
+        if self.out.quiet or self.out.json_mode or not self.out.err.is_terminal:
+            return None
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+                             TextColumn("tensors"), TimeElapsedColumn(), console=self.out.err)
+        self.bars.__enter__()
+        return self.update
+
+    def update(self, label: str, done: int, total: int) -> None:
+        if label not in self.tasks:
+            self.tasks[label] = self.bars.add_task(label, total=total)
+        self.bars.update(self.tasks[label], completed=done, total=total)
+
+    def __exit__(self, *exc):
+        if self.bars is not None:
+            self.bars.__exit__(*exc)
+        return False

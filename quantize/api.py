@@ -1,0 +1,137 @@
+"""The quantize pipeline: resolve the source, convert a checkpoint once, quantize each target,
+leaving every output complete or absent."""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from infer_cli.errors import BadOption, UnknownQuantType
+
+from .llama_quant import QuantOptions, QuantResult, TensorProgress, quantize, temp_path
+from .types import CONVERT_TYPES, QuantType, lookup, names
+
+# (what is being made, tensors done, tensors in all)
+Progress = Callable[[str, int, int], None]
+
+_QUANT_SUFFIX = re.compile(r"[.-](?:[IT]?Q\d\w*|F16|F32|BF16|MXFP4_MOE|NVFP4)$", re.IGNORECASE)
+
+
+def parse_targets(spec: str) -> list[QuantType]:
+    """'Q4_K_M,Q8_0' -> their table rows; an unknown name is one error listing the valid ones."""
+    out: list[QuantType] = []
+    for part in (p.strip() for p in spec.split(",")):
+        if not part:
+            continue
+        qt = lookup(part)
+        if qt is None:
+            raise UnknownQuantType(part, names())
+        if qt not in out:
+            out.append(qt)
+    if not out:
+        raise BadOption("--to", spec, "one or more types, e.g. Q4_K_M,Q8_0")
+    return out
+
+
+def parse_tensor_types(values: list[str]) -> tuple[tuple[str, str], ...]:
+    """['attn_v=q8_0', ...] -> (('attn_v', 'Q8_0'), ...)."""
+    out = []
+    for v in values:
+        name, sep, typ = v.partition("=")
+        if not sep or not name or not typ:
+            raise BadOption("--tensor-type", v, "NAME=TYPE, e.g. attn_v=q8_0")
+        out.append((name, typ.upper()))
+    return tuple(out)
+
+
+def base_name(source: Path) -> str:
+    stem = source.name[:-5] if source.name.endswith(".gguf") else source.name
+    return _QUANT_SUFFIX.sub("", stem) or stem
+
+
+def output_path(source: Path, outdir: Path, qtype: QuantType) -> Path:
+    return outdir / f"{base_name(source)}.{qtype.name}.gguf"
+
+
+@dataclass
+class Plan:
+    source: Path
+    kind: str                     # gguf | checkpoint
+    targets: list[QuantType]
+    outdir: Path
+    outputs: list[Path] = field(default_factory=list)
+
+
+def make_plan(source: str, targets: list[QuantType], outdir: Path | None) -> Plan:
+    path = Path(source).expanduser()
+    if path.is_dir():
+        kind = "checkpoint"
+    elif path.is_file():
+        kind = "gguf"
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not path.exists():
+        raise BadOption("SOURCE", source, "a GGUF file or a local checkpoint folder (hub repo ids "
+                        "are not supported yet: `hf download REPO --local-dir DIR` first)")
+    else:
+        raise BadOption("SOURCE", source, "an existing GGUF file or checkpoint folder")
+    out = Path(outdir).expanduser() if outdir else (path if kind == "checkpoint" else path.parent)
+    plan = Plan(path, kind, targets, out)
+    plan.outputs = [output_path(path, out, t) for t in targets]
+    for p in plan.outputs:
+        if p.exists():
+            raise BadOption("--to", p.name, f"a target that does not exist yet ({p} does; remove it)")
+    return plan
+
+
+def run(plan: Plan, opts: QuantOptions, *, progress: Progress | None = None,
+        converted: Callable[[Path], None] | None = None) -> tuple[list[QuantResult], Path | None]:
+    """Make every target of ``plan``. Returns the results and the unquantized GGUF a checkpoint
+    was converted to (kept only when it is itself a target; else the caller may use it as the
+    report's reference and must delete it with ``discard``)."""
+    from .llama_quant import check_request
+
+    for qt in plan.targets:  # refuse a missing imatrix before converting anything
+        check_request(False, qt, opts)
+    results: list[QuantResult] = []
+    src = plan.source
+    base = None
+    if plan.kind == "checkpoint":
+        from .convert import convert_checkpoint
+
+        base_type = next((t for t in plan.targets if t.name in CONVERT_TYPES and t.name != "Q8_0"),
+                         lookup("F16"))
+        dst = output_path(plan.source, plan.outdir, base_type)
+        is_target = base_type in plan.targets
+        tmp_base = dst if is_target else temp_path(dst).with_suffix(".base.gguf")
+        res = convert_checkpoint(plan.source, tmp_base, base_type.name,
+                                 progress=_bind(progress, f"convert {base_type.name}"))
+        if is_target:
+            results.append(res)
+        if converted:
+            converted(tmp_base)
+        base = tmp_base
+        src = tmp_base
+    try:
+        for qt, dst in zip(plan.targets, plan.outputs):
+            if base is not None and dst == base:
+                continue
+            results.append(quantize(src, dst, qt, opts, progress=_bind(progress, qt.name)))
+    except BaseException:
+        if base is not None and base not in [r.path for r in results]:
+            discard(base)
+        raise
+    return results, (base if plan.kind == "checkpoint" and base not in [r.path for r in results]
+                     else None)
+
+
+def discard(path: Path | None) -> None:
+    if path is not None and path.exists():
+        os.unlink(path)
+
+
+def _bind(progress: Progress | None, label: str) -> TensorProgress | None:
+    if progress is None:
+        return None
+    return lambda done, total: progress(label, done, total)

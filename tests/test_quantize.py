@@ -1,0 +1,98 @@
+"""infer quantize on GGUF sources: the table, the CLI's refusals, real quantizations of SmolLM2
+and the report's ordering."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from quantize import api
+from quantize.llama_quant import QuantOptions, quantize
+from quantize.types import TYPES, lookup
+
+
+def test_table_is_complete_and_unique():
+    import llama_cpp
+
+    ftypes = {getattr(llama_cpp, n) for n in dir(llama_cpp)
+              if n.startswith("LLAMA_FTYPE_") and n != "LLAMA_FTYPE_GUESSED"}
+    assert {t.ftype for t in TYPES} == ftypes
+    assert len({t.name for t in TYPES}) == len(TYPES)
+    assert lookup("q4_k").name == "Q4_K_M"
+
+
+def test_unknown_type_is_one_error_listing_the_valid_ones():
+    from infer_cli.errors import UnknownQuantType
+
+    with pytest.raises(UnknownQuantType) as e:
+        api.parse_targets("Q4_K_M,Q9_X")
+    assert "Q9_X" in str(e.value) and "Q8_0" in str(e.value) and "\n" not in str(e.value)
+
+
+def test_list(infer):
+    r = infer("quantize", "--list", "--json")
+    assert r.returncode == 0, r.stderr
+    rows = json.loads(r.stdout)
+    assert {"IQ2_XS", "Q4_K_M", "F16"} <= {row["name"] for row in rows}
+    assert next(row for row in rows if row["name"] == "IQ2_XS")["needs_imatrix"]
+
+
+@pytest.fixture(scope="module")
+def smollm2_f16(smollm2_gguf, tmp_path_factory) -> Path:
+    """The Q4_1 test model expanded to F16: the reference for quality."""
+    dst = tmp_path_factory.mktemp("f16") / "smollm2.F16.gguf"
+    quantize(smollm2_gguf, dst, lookup("F16"), QuantOptions(allow_requantize=True))
+    return dst
+
+
+def test_requantize_needs_the_flag(infer, smollm2_gguf, tmp_path):
+    r = infer("quantize", str(smollm2_gguf), "--to", "Q8_0", "-o", str(tmp_path / "out"))
+    assert r.returncode == 2
+    assert "--allow-requantize" in r.stderr
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_iq2_without_imatrix_leaves_nothing(infer, smollm2_f16, tmp_path):
+    r = infer("quantize", str(smollm2_f16), "--to", "IQ2_XS", "-o", str(tmp_path))
+    assert r.returncode == 2
+    assert r.stderr.splitlines()[0].startswith("Error: cannot make IQ2_XS")
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_interrupted_quantization_leaves_nothing(smollm2_f16, tmp_path):
+    dst = tmp_path / "x.Q4_K_M.gguf"
+
+    def stop(done, total):
+        if done >= 3:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        quantize(smollm2_f16, dst, lookup("Q4_K_M"), progress=stop)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_quantize_report_orders_and_outputs_generate(infer, smollm2_f16, tmp_path):
+    text = tmp_path / "eval.txt"
+    from quantize.report import default_eval_text
+
+    text.write_text(default_eval_text()[:6000])
+    out = tmp_path / "out"
+    r = infer("quantize", str(smollm2_f16), "--to", "Q8_0,Q4_K_M,Q2_K", "-o", str(out),
+              "--eval-text", str(text), "--eval-tokens", "384", "--json", timeout=300)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    rows = {row["name"]: row for row in doc["rows"]}
+    kl = {k: rows[k]["quality"]["kl_mean"] for k in ("Q8_0", "Q4_K_M", "Q2_K")}
+    assert kl["Q8_0"] < kl["Q4_K_M"] < kl["Q2_K"], kl
+    assert rows["Q8_0"]["quality"]["top1"] > 0.9
+    assert rows["Q8_0"]["size"] < rows["reference"]["size"]
+    assert all(rows[k]["decode_tps"] > 0 for k in kl)
+    for k in kl:
+        path = out / f"smollm2.{k}.gguf"
+        assert path.is_file()
+        g = infer("run", str(path), "Say hello.", "-n", "8", "--temp", "0", "--no-prompt-cache")
+        assert g.returncode == 0, g.stderr
+        assert g.stdout.strip()
+    assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
