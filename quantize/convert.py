@@ -1,0 +1,217 @@
+"""Hugging Face checkpoint folder -> GGUF, without torch.
+
+Tensors are read one at a time from memory-mapped safetensors and written straight to the
+output, so memory stays near the size of the largest tensor. Supported so far: the Llama
+family (Llama, Mistral, SmolLM) and Qwen2 / Qwen2.5, byte-level BPE tokenizers.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from infer_cli.errors import BadCheckpoint, UnsupportedArchitecture
+
+from .llama_quant import QuantResult, check_disk, temp_path
+from .safetensors_io import TensorRef, load_f32, read_header
+
+
+@dataclass(frozen=True)
+class Family:
+    arch: str            # GGUF architecture name
+    permute_qk: bool     # Llama's rotary layout differs from the HF one
+
+
+FAMILIES = {
+    "LlamaForCausalLM": Family("llama", True),
+    "MistralForCausalLM": Family("llama", True),
+    "Qwen2ForCausalLM": Family("qwen2", False),
+}
+
+
+def supported() -> list[str]:
+    return sorted(FAMILIES)
+
+
+# --- reading the folder ----------------------------------------------------------------------
+
+def _json(path: Path, required: bool = True) -> dict:
+    if not path.is_file():
+        if required:
+            raise BadCheckpoint(str(path.parent), f"{path.name} is missing")
+        return {}
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise BadCheckpoint(str(path), f"not valid JSON ({e})") from None
+
+
+def tensor_refs(folder: Path) -> dict[str, TensorRef]:
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        files = sorted(set(_json(index).get("weight_map", {}).values()))
+        missing = [f for f in files if not (folder / f).is_file()]
+        if missing:
+            raise BadCheckpoint(str(folder), f"shard {missing[0]} is missing")
+    else:
+        files = sorted(p.name for p in folder.glob("*.safetensors"))
+    if not files:
+        raise BadCheckpoint(str(folder), "no *.safetensors files")
+    refs: dict[str, TensorRef] = {}
+    for f in files:
+        refs.update(read_header(folder / f))
+    return refs
+
+
+def family_of(config: dict) -> Family:
+    archs = config.get("architectures") or [config.get("model_type", "?")]
+    fam = FAMILIES.get(archs[0])
+    if fam is None:
+        raise UnsupportedArchitecture(str(archs[0]), supported())
+    return fam
+
+
+# --- tensors ----------------------------------------------------------------------------------
+
+def _permute(w, n_head: int):
+    """HF's rotary layout (halves) to llama.cpp's (interleaved pairs), for q and k."""
+    rows = w.shape[0]
+    return (w.reshape(n_head, 2, rows // n_head // 2, *w.shape[1:])
+             .swapaxes(1, 2).reshape(w.shape))
+
+
+def _plan_tensors(refs: dict[str, TensorRef], fam: Family, config: dict) -> list[tuple[str, TensorRef]]:
+    import gguf
+
+    n_layers = int(config["num_hidden_layers"])
+    names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[fam.arch.upper()], n_layers)
+    plan = []
+    for hf, ref in refs.items():
+        if hf.endswith("rotary_emb.inv_freq"):
+            continue
+        if hf == "lm_head.weight" and config.get("tie_word_embeddings"):
+            continue
+        name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
+        if name is None:
+            raise BadCheckpoint(hf, f"tensor {hf} has no GGUF name for {fam.arch}")
+        plan.append((name, ref))
+    return plan
+
+
+def _transform(name: str, hf: str, data, fam: Family, config: dict):
+    if fam.permute_qk and hf.endswith("q_proj.weight"):
+        return _permute(data, int(config["num_attention_heads"]))
+    if fam.permute_qk and hf.endswith("k_proj.weight"):
+        n_kv = int(config.get("num_key_value_heads") or config["num_attention_heads"])
+        return _permute(data, n_kv)
+    return data
+
+
+def _encode(data, out_type: str, name: str):
+    """(array to write, ggml type) for one tensor; 1-D tensors stay F32, as llama.cpp keeps them."""
+    import gguf
+    import numpy as np
+
+    T = gguf.GGMLQuantizationType
+    if data.ndim <= 1 or out_type == "F32":
+        return np.ascontiguousarray(data, dtype=np.float32), T.F32
+    if out_type == "F16":
+        return np.ascontiguousarray(data.astype(np.float16)), T.F16
+    if out_type == "BF16":
+        return gguf.quants.quantize(data, T.BF16), T.BF16
+    if out_type == "Q8_0":
+        if data.shape[-1] % 32:
+            return np.ascontiguousarray(data.astype(np.float16)), T.F16
+        return gguf.quants.quantize(data, T.Q8_0), T.Q8_0
+    raise ValueError(out_type)
+
+
+# --- the writer -------------------------------------------------------------------------------
+
+FILE_TYPES = {"F32": 0, "F16": 1, "Q8_0": 7, "BF16": 32}
+
+
+def convert_checkpoint(folder: Path, dst: Path, out_type: str = "F16", *,
+                       progress: Callable[[int, int], None] | None = None) -> QuantResult:
+    """Write ``folder`` as a GGUF of ``out_type`` (F32, F16, BF16, Q8_0) at ``dst``, atomically."""
+    import gguf
+
+    folder, dst = Path(folder), Path(dst)
+    config = _json(folder / "config.json")
+    fam = family_of(config)
+    refs = tensor_refs(folder)
+    plan = _plan_tensors(refs, fam, config)
+    from .tokenizer_meta import read_tokenizer
+
+    tok = read_tokenizer(folder, int(config.get("vocab_size") or 0))
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    bpw = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5}[out_type]
+    n_params = sum(_count(r.shape) for _, r in plan)
+    check_disk(dst.parent, int(n_params * bpw / 8) + (64 << 20))
+    tmp = temp_path(dst)
+    t0 = time.perf_counter()
+    try:
+        w = gguf.GGUFWriter(str(tmp), fam.arch)
+        _metadata(w, fam, config, folder, out_type)
+        tok.write(w)
+        encoded_shapes = []
+        for name, ref in plan:
+            # Shapes and byte counts first (the header precedes the data), from a dry encode of
+            # a zero row block: cheap, and exact for every output type.
+            import numpy as np
+
+            probe = np.zeros((1,) * (len(ref.shape) - 1) + (ref.shape[-1],), dtype=np.float32)
+            arr, typ = _encode(probe, out_type, name)
+            per_row = arr.nbytes
+            rows = _count(ref.shape) // ref.shape[-1]
+            w.add_tensor_info(name, ref.shape, np.dtype(np.float32) if typ == gguf.GGMLQuantizationType.F32
+                              else np.dtype(np.float16) if typ == gguf.GGMLQuantizationType.F16 else np.dtype(np.uint8),
+                              per_row * rows, raw_dtype=typ)
+            encoded_shapes.append(typ)
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_ti_data_to_file()
+        for i, ((name, ref), typ) in enumerate(zip(plan, encoded_shapes)):
+            hf = ref.name
+            data = _transform(name, hf, load_f32(ref), fam, config)
+            arr, got = _encode(data, out_type, name)
+            assert got == typ
+            w.write_tensor_data(arr)
+            del data, arr
+            if progress:
+                progress(i + 1, len(plan))
+        w.close()
+        os.replace(tmp, dst)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
+    return QuantResult(dst, out_type, time.perf_counter() - t0, dst.stat().st_size, n_params)
+
+
+def _count(shape) -> int:
+    n = 1
+    for d in shape:
+        n *= d
+    return n
+
+
+def _metadata(w, fam: Family, c: dict, folder: Path, out_type: str) -> None:
+    n_head = int(c["num_attention_heads"])
+    head_dim = int(c.get("head_dim") or c["hidden_size"] // n_head)
+    w.add_name(folder.name)
+    w.add_context_length(int(c.get("max_position_embeddings", 4096)))
+    w.add_embedding_length(int(c["hidden_size"]))
+    w.add_block_count(int(c["num_hidden_layers"]))
+    w.add_feed_forward_length(int(c["intermediate_size"]))
+    w.add_head_count(n_head)
+    w.add_head_count_kv(int(c.get("num_key_value_heads") or n_head))
+    w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-5)))
+    w.add_rope_freq_base(float(c.get("rope_theta", 10000.0)))
+    if c.get("vocab_size"):
+        w.add_vocab_size(int(c["vocab_size"]))
+    w.add_file_type(FILE_TYPES[out_type])
