@@ -578,10 +578,11 @@ def read_remote(repo_id: str, filename: str, size: int, *, revision: str = "main
                 first: int = 1 << 20, limit: int = 64 << 20):
     """The GGUFInfo of ``filename`` in a hub repo, from range requests of growing prefixes
     (1 MiB, then doubling up to 64 MiB). Nothing is downloaded whole."""
-    import httpx
     from huggingface_hub import hf_hub_url
 
     from . import gguf_info, hub, paths
+
+    httpx = hub.httpx  # huggingface_hub's own HTTP stack (httpx2 or httpx)
 
     url = hf_hub_url(repo_id, filename, revision=revision, endpoint=paths.hf_endpoint())
     headers = hub._headers(None)
@@ -601,7 +602,7 @@ def read_remote(repo_id: str, filename: str, size: int, *, revision: str = "main
             try:
                 return gguf_info._Parser(reader, False).parse()
             except BadModelFile as e:
-                truncated = e.reason.startswith(f"truncated: the file ends at byte {len(data):,}")
+                truncated = e.reason.startswith("truncated:")
                 if not truncated or len(data) >= size or want >= limit:
                     raise
                 want = min(want * 4, limit, size)

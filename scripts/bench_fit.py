@@ -75,7 +75,7 @@ def compare(path: Path, configs: list[fit.Options]) -> list[dict]:
 
 
 def rss_rows(configs: list[fit.Options]) -> list[dict]:
-    """Real loads (mmap off, one warm-up decode) in a subprocess each; RSS against our total."""
+    """Real loads (mmap off, one full-ubatch decode) in a subprocess each; RSS against our total."""
     import subprocess
 
     out = []
@@ -108,6 +108,7 @@ o = engine.EngineOptions(n_ctx={n_ctx}, n_ubatch={ub}, cache_type_k={k!r}, cache
                          flash_attn={fa!r}, mmap=False, gpu_layers=0, threads=2)
 m = engine.Model({path!r}, o)
 s = engine.Session(m, o)
+s.decode(m.tokenize("hello " * 2000)[:{ub}])  # one full ubatch: the compute buffer is touched
 print(json.dumps({{"rss": psutil.Process().memory_info().rss, "kv": s.kv_bytes,
                    "compute": s.compute_bytes}}))
 """

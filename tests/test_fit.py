@@ -1,0 +1,226 @@
+"""`infer fit`: the memory plan against llama.cpp's own dry run (real and synthetic models),
+GPU planning arithmetic through what-if hardware, hardware probes, the CLI, hub repos read
+through range requests."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import replace
+
+import pytest
+
+from infer_cli import fit, hardware
+from infer_cli.errors import BadOption
+from infer_cli.gguf_info import read_gguf
+from tests import synthetic
+
+GIB = 1 << 30
+CPU = fit.Hardware("cpu", ram=1 << 50)
+# A representative subset of the accuracy grid (scripts/bench_fit.py prints all of it).
+SUBSET = [
+    fit.Options(n_ctx=512, n_ubatch=128),
+    fit.Options(n_ctx=4096, n_ubatch=512, cache_type_k="q8_0", cache_type_v="q8_0", flash_attn="on"),
+    fit.Options(n_ctx=4096, n_ubatch=512, flash_attn="off"),
+    fit.Options(n_ctx=32768, n_ubatch=512, flash_attn="off"),
+    fit.Options(n_ctx=32768, n_ubatch=128, cache_type_k="q4_0", cache_type_v="q4_0", flash_attn="on"),
+    fit.Options(n_ctx=32768, n_ubatch=512, cache_type_k="q8_0", flash_attn="off"),
+]
+
+
+@pytest.fixture(scope="session")
+def synthetic_models(tmp_path_factory):
+    d = tmp_path_factory.mktemp("synthetic")
+    return {s.name: synthetic.write(s, d / f"{s.name}.gguf") for s in synthetic.SHAPES.values()}
+
+
+def _assert_matches_dry_run(path):
+    m = fit.facts(read_gguf(path))
+    for chk in fit.check(str(path), SUBSET):
+        assert chk.ok, chk.error
+        p = fit.plan(m, CPU, chk.options)
+        assert p.cpu.kv == pytest.approx(chk.kv, rel=0.01), chk.options
+        assert p.cpu.compute == pytest.approx(chk.compute, rel=0.05), chk.options
+        theirs = m.weights_bytes + chk.kv + chk.compute + chk.output
+        ours = m.weights_bytes + p.cpu.kv + p.cpu.compute + p.cpu.output
+        assert ours == pytest.approx(theirs, rel=0.03), chk.options
+
+
+def test_plan_matches_dry_run_smollm2(smollm2_gguf):
+    _assert_matches_dry_run(smollm2_gguf)
+
+
+def test_plan_matches_dry_run_gemma3(gemma3_gguf):
+    _assert_matches_dry_run(gemma3_gguf)
+
+
+@pytest.mark.parametrize("shape", sorted(synthetic.SHAPES))
+def test_plan_matches_dry_run_synthetic(synthetic_models, shape):
+    _assert_matches_dry_run(synthetic_models[shape])
+
+
+def test_gemma3_sliding_window_layers(gemma3_gguf):
+    m = fit.facts(read_gguf(gemma3_gguf))
+    assert m.swa_layers.count(False) == 3 and m.n_swa == 512  # every 6th layer is global
+    p = fit.plan(m, CPU, fit.Options(n_ctx=4096, n_ubatch=512))
+    assert (p.n_ctx, p.n_ctx_swa) == (4096, 1024)
+    # 3 global layers x 4096 cells + 15 SWA layers x 1024 cells, 1 KV head of 256, K+V f16
+    assert p.cpu.kv == (3 * 4096 + 15 * 1024) * 256 * 2 * 2
+    full = fit.plan(m, CPU, fit.Options(n_ctx=4096, swa_full=True))
+    assert full.cpu.kv == 18 * 4096 * 256 * 2 * 2
+
+
+def test_context_padding_and_batch_clamp(smollm2_gguf):
+    m = fit.facts(read_gguf(smollm2_gguf))
+    p = fit.plan(m, CPU, fit.Options(n_ctx=1000, n_ubatch=512))
+    assert p.n_ctx == 1024 and p.n_ubatch == 512
+    assert fit.plan(m, CPU, fit.Options(n_ctx=300)).n_ubatch == 300  # n_batch = min(n_ctx, n_batch)
+
+
+@pytest.mark.xfail(reason="RSS counts touched pages only: llama.cpp reserves the compute buffer "
+                   "for n_ubatch rows of logits but a decode writes one row, so RSS stays ~30% "
+                   "below the planned total (not yet modelled)", strict=False)
+def test_real_load_kv_and_rss(smollm2_gguf):
+    """A real load with mmap off: llama.cpp's logged KV equals ours, and the process RSS after a
+    warm-up decode is within 10% of our total."""
+    import subprocess
+    import sys
+
+    from scripts import bench_fit
+
+    # n_ctx = n_ubatch: the decode touches every KV cell. With a longer context the cells not
+    # yet written are allocated but not resident, so RSS stays below the plan (see the README).
+    o = fit.Options(n_ctx=512, n_ubatch=512)
+    code = bench_fit._RSS_CHILD.format(path=str(smollm2_gguf), n_ctx=o.n_ctx, ub=o.n_ubatch, k="f16",
+                                       v="f16", fa="auto")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                          cwd=bench_fit.ROOT)
+    r = json.loads(proc.stdout.strip().splitlines()[-1])
+    p = fit.plan(read_gguf(smollm2_gguf), CPU, o)
+    assert p.cpu.kv == pytest.approx(r["kv"], rel=0.01)
+    assert p.cpu.total == pytest.approx(r["rss"], rel=0.10)
+
+
+# --- GPU planning, pure arithmetic ---------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def llama8b(tmp_path_factory):
+    d = tmp_path_factory.mktemp("l8b")
+    return fit.facts(read_gguf(synthetic.write(synthetic.LLAMA3_8B, d / "l.gguf")))
+
+
+def test_partial_offload_arithmetic(llama8b):
+    m = llama8b
+    hw = fit.Hardware("test", ram=64 * GIB, vram=3 * GIB, backend="cuda")
+    o = fit.Options(n_ctx=4096, n_ubatch=512)
+    p = fit.plan(m, hw, o)
+    assert p.verdict == "partial" and 0 < p.gpu_layers < m.n_layer + 1
+    n = p.gpu_layers
+    # llama.cpp puts the output layer and the last n-1 blocks on the GPU
+    gpu_blocks = range(m.n_layer - (n - 1), m.n_layer)
+    assert p.gpu.weights == sum(m.layer_bytes[i] for i in gpu_blocks) + m.output_bytes
+    assert p.gpu.kv == sum(fit.kv_layer_bytes(m, o, i) for i in gpu_blocks)
+    assert p.cpu.weights + p.gpu.weights == m.weights_bytes
+    assert p.cpu.kv + p.gpu.kv == fit.plan(m, CPU, o).cpu.kv
+    assert p.gpu.total <= hw.vram * (1 - fit.VRAM_MARGIN)
+    more = fit.memory(m, hw, o, n + 1)[1]
+    assert more.total > hw.vram * (1 - fit.VRAM_MARGIN)  # one more layer would not fit
+
+
+def test_profiles_verdicts(llama8b):
+    o = fit.Options(n_ctx=8192)
+    assert fit.plan(llama8b, hardware.profile("RTX 4090"), o).verdict == "gpu"
+    assert fit.plan(llama8b, hardware.profile("H100 80GB"), o).gpu_layers == llama8b.n_layer + 1
+    assert fit.plan(llama8b, hardware.profile("RTX 3060"), fit.Options(n_ctx=8192)).verdict in ("gpu", "partial")
+    assert fit.plan(llama8b, hardware.profile("CPU 16GB"), o).verdict == "cpu"
+    tiny = fit.Hardware("tiny", ram=2 * GIB)
+    assert fit.plan(llama8b, tiny, o).verdict == "no-fit"
+
+
+def test_largest_context_and_quantized_kv(llama8b):
+    hw = fit.Hardware("24G", ram=64 * GIB, vram=24 * GIB, backend="cuda")
+    o = fit.Options(gpu_layers=llama8b.n_layer + 1)
+    f16 = fit.largest_context(llama8b, hw, o, limit=1 << 20)
+    q8 = fit.largest_context(llama8b, hw, replace(o, cache_type_k="q8_0", cache_type_v="q8_0", flash_attn="on"),
+                             limit=1 << 20)
+    assert f16 % 256 == 0 and q8 > f16 * 1.7
+    assert fit.plan(llama8b, hw, replace(o, n_ctx=f16)).fits
+    assert not fit.plan(llama8b, hw, replace(o, n_ctx=f16 + 256)).fits
+    assert fit.largest_context(llama8b, hw, o) == llama8b.n_ctx_train  # capped by training context
+
+
+def test_draft_adds_its_memory(llama8b, smollm2_gguf):
+    hw = hardware.profile("RTX 4090")
+    alone = fit.plan(llama8b, hw, fit.Options(n_ctx=4096))
+    both = fit.plan(llama8b, hw, fit.Options(n_ctx=4096), draft=read_gguf(smollm2_gguf))
+    assert both.draft is not None and both.draft.verdict == "gpu"
+    assert both.draft.gpu.kv == fit.plan(read_gguf(smollm2_gguf), CPU, fit.Options(n_ctx=4096)).cpu.kv
+    assert both.gpu_layers <= alone.gpu_layers
+
+
+def test_options_rejected():
+    with pytest.raises(BadOption):
+        fit.Options(cache_type_v="q8_0", flash_attn="off").check()
+    with pytest.raises(BadOption):
+        hardware.profile("Voodoo 2")
+    with pytest.raises(BadOption):
+        hardware.parse_size("lots")
+    assert hardware.parse_size("24G") == 24 * GIB and hardware.parse_size("512MiB") == 512 << 20
+
+
+def test_hardware_probes():
+    info = hardware.detect()
+    assert info.ram_total > 0 and info.logical_cores >= 1
+    assert info.llama_devices and info.llama_devices[0].startswith("CPU")
+    assert "AVX2" in info.simd or info.simd  # whatever the CPU has, llama.cpp names some
+    gpus = hardware.parse_nvidia_smi("NVIDIA GeForce RTX 4090, 24564, 23000, 8.9, 550.54.15\n")
+    assert gpus[0].vram_total == 24564 << 20 and gpus[0].compute_capability == "8.9"
+    assert hardware.profile("rtx4090").vram == 24 * GIB
+
+
+# --- CLI ----------------------------------------------------------------------------------
+
+def test_cli_fit_local_json_fast(infer, gemma3_gguf):
+    t0 = time.perf_counter()
+    r = infer("fit", str(gemma3_gguf), "--json")
+    elapsed = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert doc["plan"]["verdict"] == "cpu" and doc["plan"]["devices"]["cpu"]["kv"] > 0
+    assert set(doc["largest_context"]) == {"f16", "q8_0", "q4_0"}
+    assert doc["machine"]["ram_total"] > 0
+    assert elapsed < 2.0  # the command itself answers in < 1 s; interpreter start-up on top
+
+
+def test_cli_fit_what_if_and_check(infer, smollm2_gguf):
+    r = infer("fit", str(smollm2_gguf), "--vram", "0.5G", "--ram", "8G", "--ctx", "32768", "--check")
+    assert r.returncode == 0, r.stderr
+    assert "Verdict" in r.stdout and "Cross-check" in r.stdout and "Hardware" not in r.stdout
+    r = infer("fit", str(smollm2_gguf), "--gpu", "RTX 4090", "--json")
+    doc = json.loads(r.stdout)
+    assert doc["plan"]["verdict"] == "gpu" and doc["plan"]["devices"]["gpu"]["weights"] > 0
+
+
+def test_cli_fit_hardware_only(infer):
+    r = infer("fit", "--hardware", "--json")
+    assert r.returncode == 0, r.stderr
+    assert json.loads(r.stdout)["machine"]["cpu_model"]
+
+
+def test_cli_fit_bad_gpu(infer, smollm2_gguf):
+    r = infer("fit", str(smollm2_gguf), "--gpu", "Voodoo 2")
+    assert r.returncode == 2 and "RTX 4090" in r.stderr
+
+
+def test_hub_repo_headers_only(hub, infer, smollm2_gguf, gemma3_gguf):
+    big = smollm2_gguf.read_bytes()
+    hub.add_repo("org/models-GGUF", {"model-Q4_1.gguf": big, "README.md": b"# card\n"})
+    r = infer("fit", "org/models-GGUF", "--json", env={"HF_ENDPOINT": hub.url})
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    assert {row["quant"] for row in doc["matrix"]} == {"Q4_1"}
+    assert {row["hardware"] for row in doc["matrix"]} >= {"RTX 4090", "CPU 16GB"}
+    gets = hub.file_gets("model-Q4_1.gguf")
+    assert gets and all(g.range for g in gets)
+    fetched = sum(int(g.range.split("-")[1]) - int(g.range.split("=")[1].split("-")[0]) + 1 for g in gets)
+    assert fetched < len(big) // 10
