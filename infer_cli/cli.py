@@ -92,6 +92,10 @@ def run(
     mlock: Annotated[bool, typer.Option("--mlock", help="Lock the weights in RAM.")] = False,
     no_mmap: Annotated[bool, typer.Option("--no-mmap", help="Read the weights into memory instead of mapping the file.")] = False,
     no_prompt_cache: Annotated[bool, typer.Option("--no-prompt-cache", help="Do not reuse or save prompt KV state on disk.")] = False,
+    draft: Annotated[Optional[str], typer.Option("--draft", help="Speculative decoding with this draft model (same tokenizer); auto: the draft partner from models.toml.", show_default=False)] = None,
+    lookup: Annotated[bool, typer.Option("--lookup", help="Speculative decoding with drafts looked up in the prompt and the text so far (no second model).")] = False,
+    draft_max: Annotated[int, typer.Option("--draft-max", help="Most tokens drafted per step (the length adapts to acceptance).")] = 16,
+    draft_p_min: Annotated[float, typer.Option("--draft-p-min", help="A draft model stops drafting when its top choice is less likely than this (among its 10 best).")] = 0.5,
     revision: RevisionOpt = None,
     json_mode: JsonOpt = False,
 ) -> None:
@@ -118,8 +122,22 @@ def run(
     model_defaults = resolved.entry.sampling if resolved.entry else {}
     sampling = engine.Sampling(seed=seed, **{**model_defaults,
                                              **{k: v for k, v in given.items() if v is not None}})
+    if draft and lookup:
+        raise typer.BadParameter("choose one of --draft and --lookup", param_hint="--draft")
+    draft_model = None
+    if draft:
+        draft_ref = draft
+        if draft.lower() == "auto":
+            draft_ref = resolved.entry.draft if resolved.entry else None
+            if not draft_ref:
+                raise typer.BadParameter(f"models.toml names no draft partner for {resolved.name}",
+                                         param_hint="--draft")
+        with out.transfer() as progress:
+            draft_model = store.resolve(draft_ref, progress=progress)
+    spec = cli_run.SpecSettings(draft_model, lookup, max(1, draft_max), draft_p_min) \
+        if (draft_model or lookup) else None
     settings = cli_run.RunSettings(system, raw, max_tokens, tuple(stop or ()), ignore_eos,
-                                   truncate, not no_prompt_cache, sampling)
+                                   truncate, not no_prompt_cache, sampling, spec)
     runner = cli_run.Runner(resolved, opts, settings)
     if prompt is None:
         raise typer.Exit(cli_run.interactive(runner, out))

@@ -17,6 +17,14 @@ from .errors import InferError, describe, human_bytes
 
 
 @dataclass(frozen=True)
+class SpecSettings:
+    draft: object | None      # a store.Resolved draft model, or None
+    lookup: bool
+    draft_max: int = 16
+    p_min: float = 0.5
+
+
+@dataclass(frozen=True)
 class RunSettings:
     system: str | None
     raw: bool
@@ -26,6 +34,7 @@ class RunSettings:
     truncate: bool
     prompt_cache: bool
     sampling: engine.Sampling
+    spec: SpecSettings | None = None
 
 
 class Runner:
@@ -43,6 +52,14 @@ class Runner:
         self.notes: list[str] = []
         if template is None and not settings.raw:
             self.notes.append("this model has no chat template: plain completion")
+        self.draft_model = self.draft_session = None
+        if settings.spec and settings.spec.draft:
+            from .speculative import check_compatible
+
+            self.draft_model = engine.Model(settings.spec.draft.path, opts)
+            check_compatible(self.model, self.draft_model)
+            self.draft_session = engine.Session(self.draft_model, opts)
+            self.load_s = time.perf_counter() - t0
         self.cache = None
         if settings.prompt_cache:
             from .prompt_cache import PromptCache, model_identity
@@ -77,12 +94,28 @@ class Runner:
                              s.max_tokens if s.max_tokens > 0 else n_ctx, s.stop, s.ignore_eos)
         stats = engine.Stats(load_s=self.load_s, notes=self.notes)
         parts = []
-        for event in engine.stream(self.session, req, stats=stats, prompt_cache=self.cache):
+        for event in engine.stream(self.session, req, stats=stats, prompt_cache=self.cache,
+                                   speculator=self._speculator()):
             parts.append(event.text)
             yield event
         conv.add("assistant", "".join(parts))
         self.notes = []
         self.load_s = 0.0  # paid once
+
+
+    def _speculator(self):
+        """A fresh speculator per answer (its statistics are per answer)."""
+        spec = self.settings.spec
+        if spec is None:
+            return None
+        from . import speculative
+
+        if spec.lookup:
+            return speculative.PromptLookup(draft_max=spec.draft_max,
+                                            stats=speculative.SpecStats("lookup", draft_max=spec.draft_max))
+        return speculative.DraftModel(draft_max=spec.draft_max, p_min=spec.p_min,
+                                      draft_session=self.draft_session,
+                                      stats=speculative.SpecStats("draft", draft_max=spec.draft_max))
 
 
 def stats_line(stats: engine.Stats, finish: str | None) -> str:
@@ -99,6 +132,12 @@ def stats_line(stats: engine.Stats, finish: str | None) -> str:
     parts.append(f"generated {stats.generated_tokens} tokens, {stats.decode_tps:.1f} tokens/s")
     if stats.ttft_s is not None:
         parts.append(f"first token {stats.ttft_s:.2f} s")
+    if stats.speculative:
+        sp = stats.speculative
+        spec = f"{sp['mode']}: {sp['accepted']}/{sp['drafted']} drafted accepted ({sp['acceptance']:.0%})"
+        if sp["speedup"]:
+            spec += f", {sp['speedup']:.2f}x plain"
+        parts.append(spec)
     kv = f"KV {stats.kv_used}/{stats.kv_size} cells"
     if stats.kv_bytes:
         kv += f" ({human_bytes(stats.kv_bytes)})"

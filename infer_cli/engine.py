@@ -94,6 +94,7 @@ class Stats:
     kv_bytes: int | None = None
     peak_rss_bytes: int = 0
     prompt_cache: str = "off"     # off | miss | hit
+    speculative: dict | None = None  # drafted / accepted / speed-up, when speculating
     notes: list[str] = field(default_factory=list)
 
     @property
@@ -263,6 +264,8 @@ class Session:
         self.tokens: list[int] = []  # what the KV cache holds, position by position
         self._one = (L.llama_token * 1)()
         self._one_batch = L.llama_batch_get_one(self._one, 1)
+        self._batch = None  # llama_batch_init'd on first use by decode_all
+        self._batch_cap = 0
         self.can_trim = model.n_swa == 0  # a sliding-window cache forgets; no partial reuse
         if opts.warmup:
             self._warm_up()
@@ -321,6 +324,60 @@ class Session:
         if rc != 0:
             raise ContextOverflow(len(self.tokens) + 1, self.n_ctx)
         self.tokens.append(token)
+
+    def decode_all(self, tokens: Sequence[int]) -> None:
+        """Decode ``tokens`` in one batch with logits at every position (for verification)."""
+        L, n = self.L, len(tokens)
+        if self._batch is None or self._batch_cap < n:
+            if self._batch is not None:
+                L.llama_batch_free(self._batch)
+            self._batch_cap = max(n, 32)
+            self._batch = L.llama_batch_init(self._batch_cap, 0, 1)
+        b, pos = self._batch, len(self.tokens)
+        for i, tok in enumerate(tokens):
+            b.token[i] = tok
+            b.pos[i] = pos + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = 1
+        b.n_tokens = n
+        rc = L.llama_decode(self.ptr, b)
+        if rc != 0:
+            raise ContextOverflow(pos + n, self.n_ctx)
+        self.tokens.extend(tokens)
+
+    def rollback(self, n: int) -> None:
+        """Forget every cached token from position ``n`` on.
+
+        Only for the tail the last few decode calls added (rejected drafts): a sliding-window
+        cache still holds every cell those positions' windows need, which is not true of an
+        arbitrary cut (see ``trim``)."""
+        if n < len(self.tokens):
+            if not self.L.llama_memory_seq_rm(self.mem, 0, n, -1):
+                raise ContextOverflow(n, self.n_ctx)
+            del self.tokens[n:]
+
+    def sync(self, tokens: Sequence[int], *, max_rollback: int = 64) -> None:
+        """Make the cache hold exactly ``tokens`` (a draft model following its target)."""
+        keep = _prefix_len(self.tokens, tokens)
+        if keep < len(self.tokens):
+            if self.can_trim or len(self.tokens) - keep <= max_rollback:
+                self.rollback(keep)
+            else:
+                self.clear()
+                keep = 0
+        self.decode(tokens[keep:])
+
+    def top(self, idx: int = -1, k: int = 10) -> tuple[int, float]:
+        """The most likely next token at output ``idx`` and its probability among the ``k``
+        best (llama.cpp's drafts judge confidence the same way, after a top-10 cut)."""
+        import numpy as np
+
+        logits = np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ptr, idx),
+                                       shape=(self.model.n_vocab,))
+        best = int(logits.argmax())
+        head = np.partition(logits, -k)[-k:]
+        return best, 1.0 / float(np.exp(head - logits[best]).sum())
 
     def reusable(self, cached: Sequence[int], tokens: Sequence[int], *, aligned: bool = False) -> int:
         """How many leading ``tokens`` a cache holding ``cached`` can serve as they are.
@@ -388,6 +445,9 @@ class Session:
         return True
 
     def close(self) -> None:
+        if getattr(self, "_batch", None) is not None:
+            self.L.llama_batch_free(self._batch)
+            self._batch = None
         if getattr(self, "ptr", None):
             self.L.llama_free(self.ptr)
             self.ptr = None
@@ -427,13 +487,17 @@ class Sampler:
         add(L.llama_sampler_init_dist(seed & 0xFFFFFFFF))
 
     def sample(self, ctx) -> int:
+        return self.sample_at(ctx, -1)
+
+    def sample_at(self, ctx, idx: int) -> int:
+        """Sample from the logits of output ``idx`` (-1: the last)."""
         if self.argmax:
             import numpy as np
 
-            logits = np.ctypeslib.as_array(self.L.llama_get_logits_ith(ctx, -1), shape=(self.n_vocab,))
+            logits = np.ctypeslib.as_array(self.L.llama_get_logits_ith(ctx, idx), shape=(self.n_vocab,))
             return int(logits.argmax())  # the first maximum, as llama.cpp's greedy sampler
         # llama_sampler_sample also accepts the token (penalties see it).
-        return self.L.llama_sampler_sample(self.ptr, ctx, -1)
+        return self.L.llama_sampler_sample(self.ptr, ctx, idx)
 
     def close(self) -> None:
         if getattr(self, "ptr", None):
@@ -499,11 +563,12 @@ def truncate(tokens: list[int], n_ctx: int, reserve: int) -> list[int]:
 
 
 def stream(session: Session, req: Request, *, stats: Stats | None = None,
-           prompt_cache=None) -> Iterator[Event]:
+           prompt_cache=None, speculator=None) -> Iterator[Event]:
     """Prefill ``req.tokens`` (through the prompt cache when given) and yield generated text.
 
-    Ctrl-C (KeyboardInterrupt) ends the stream with finish reason ``interrupted``; the caller
-    decides what to do next. Reaching the context size ends it with ``length``."""
+    With a ``speculator`` (see speculative.py) each step may produce several tokens; the text
+    is the same either way. Ctrl-C (KeyboardInterrupt) ends the stream with finish reason
+    ``interrupted``; reaching ``max_tokens`` or the context size ends it with ``length``."""
     stats = stats or Stats()
     model = session.model
     tokens = list(req.tokens)
@@ -528,41 +593,58 @@ def stream(session: Session, req: Request, *, stats: Stats | None = None,
             if stats.cached_tokens < len(head):
                 prompt_cache.save(session)
             session.decode_one(tokens[-1])
+        if speculator is not None:
+            speculator.prepare(tokens)
         stats.prefill_s = time.perf_counter() - t0
-        t_first = None
-        while True:
-            tok = sampler.sample(session.ptr)
-            now = time.perf_counter()
-            if t_first is None:
-                t_first = now
-                stats.ttft_s = now - t0
-            if model.is_eog(tok) and not req.ignore_eos:
-                finish = "stop"
+        pending = [sampler.sample(session.ptr)]
+        t_first = time.perf_counter()
+        stats.ttft_s = t_first - t0
+        if speculator is not None:
+            speculator.on_tokens(pending)
+        while finish is None:
+            for tok in pending:
+                if model.is_eog(tok) and not req.ignore_eos:
+                    finish = "stop"
+                    break
+                stats.generated_tokens += 1
+                text, stopped = stopper.feed(decoder.decode(model.piece(tok)))
+                if text:
+                    yield Event(text, tok, stats)
+                if stopped:
+                    finish = "stop"
+                elif stats.generated_tokens >= req.max_tokens:
+                    finish = "length"
+                elif len(session.tokens) >= session.n_ctx:
+                    finish = "length"
+                    stats.notes.append(f"the context is full ({session.n_ctx} tokens); --ctx raises it")
+                if finish:
+                    break
+            stats.decode_s = time.perf_counter() - t_first
+            if finish:
                 break
-            stats.generated_tokens += 1
-            stats.decode_s = now - t_first
-            text, stopped = stopper.feed(decoder.decode(model.piece(tok)))
-            if text:
-                yield Event(text, tok, stats)
-            if stopped:
-                finish = "stop"
-                break
-            if stats.generated_tokens >= req.max_tokens:
-                finish = "length"
-                break
-            if len(session.tokens) >= session.n_ctx:
-                finish = "length"
-                stats.notes.append(f"the context is full ({session.n_ctx} tokens); --ctx raises it")
-                break
-            session.decode_one(tok)
+            last = pending[-1]
+            if speculator is None:
+                session.decode_one(last)
+                pending = [sampler.sample(session.ptr)]
+            else:
+                budget = min(req.max_tokens - stats.generated_tokens,
+                             session.n_ctx - len(session.tokens) - 1)
+                pending = speculator.step(session, sampler, last, budget)
+                speculator.on_tokens(pending)
     except KeyboardInterrupt:
         finish = "interrupted"
     finally:
         sampler.close()
-    tail = stopper.flush() if finish != "stop" else ""
-    tail += decoder.decode(b"", final=True) if finish != "stop" else ""
+    if finish != "stop":
+        tail = stopper.flush() + decoder.decode(b"", final=True)
+    else:
+        tail = ""
     stats.kv_used = len(session.tokens)
     stats.peak_rss_bytes = peak_rss()
+    if speculator is not None:
+        stats.speculative = speculator.stats.as_dict()
+        if speculator.stats.switched_off:
+            stats.notes.append(speculator.stats.switched_off)
     yield Event(tail, None, stats, finish)
 
 

@@ -163,6 +163,12 @@ class BadCheckpoint(InferError):
         self.path, self.reason = path, reason
 
 
+class DraftIncompatible(InferError):
+    def __init__(self, target: str, draft: str, reason: str):
+        super().__init__(f"{draft} cannot draft for {target}: {reason}")
+        self.target, self.draft, self.reason = target, draft, reason
+
+
 def _next_ctx(n: int) -> int:
     """The next power of two above n plus room for an answer."""
     size = 512
@@ -205,6 +211,8 @@ _TABLE: dict[type[InferError], tuple[int, Callable]] = {
                     "the prompt with --truncate." if e.n_prompt else "Give a prompt."),
     ContextOverflow: (2, lambda e: "Raise --ctx or lower --batch."),
     TemplateFailed: (65, lambda e: "Use --raw for plain completion without the template."),
+    DraftIncompatible: (65, lambda e: "A draft must share the target's tokenizer: pick a smaller "
+                        "model of the same family (models.toml names one per model as `draft`)."),
     NotOwned: (1, lambda e: "Delete it yourself if you mean to; `infer rm` only forgets it."),
     UnknownQuantType: (2, lambda e: "`infer quantize --list` describes each type."),
     QuantizeRefused: (2, lambda e: e.fix),

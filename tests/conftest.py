@@ -57,6 +57,24 @@ def gemma3_gguf() -> Path:
     return _package_model("gemma3-270m")
 
 
+@pytest.fixture(scope="session")
+def smollm2_f32(smollm2_gguf) -> Path:
+    from tests.derived import expand
+    return expand(smollm2_gguf, "F32")
+
+
+@pytest.fixture(scope="session")
+def smollm2_f16(smollm2_gguf) -> Path:
+    from tests.derived import expand
+    return expand(smollm2_gguf, "F16")
+
+
+@pytest.fixture(scope="session")
+def gemma3_f32(gemma3_gguf) -> Path:
+    from tests.derived import expand
+    return expand(gemma3_gguf, "F32")
+
+
 def run_infer(*args: str, env: dict | None = None, input: str | None = None,
               timeout: float = 120) -> subprocess.CompletedProcess:
     """`infer ARGS` in a real subprocess, with the test's environment."""

@@ -1,0 +1,177 @@
+"""Speculative decoding on real model pairs: the output is the target's own, token for token."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from infer_cli import engine, speculative
+from infer_cli.errors import DraftIncompatible
+
+GREEDY = engine.Sampling(temperature=0, repeat_penalty=1.0)
+PROMPTS = ["The history of the printing press", "def fibonacci(n):", "Ten facts about the Moon:\n1."]
+PASSAGE = ("The old mill stood by the river for two hundred years. Every spring the water rose and "
+           "turned its wheel, and the miller ground wheat for the whole valley. When the railway "
+           "came, the mill fell silent, but the children of the village still played in its shade.")
+OPTS = engine.EngineOptions(n_ctx=1024)
+
+
+def _run(target_session, tokens, *, speculator=None, n=48, sampling=GREEDY):
+    target_session.clear()
+    req = engine.Request(tuple(tokens), sampling, n, (), True)
+    events = list(engine.stream(target_session, req, speculator=speculator))
+    return [e.token for e in events if e.token is not None], events[-1].stats
+
+
+def _always_on(spec):
+    spec.probe_rounds = 10 ** 9  # these tests check correctness: never let timing switch it off
+    return spec
+
+
+def _draft(draft_session, **kw):
+    return _always_on(speculative.DraftModel(draft_session=draft_session,
+                                             stats=speculative.SpecStats("draft"), **kw))
+
+
+@pytest.fixture(scope="module")
+def gemma_pair(gemma3_f32, gemma3_gguf):
+    target, draft = engine.Model(gemma3_f32, OPTS), engine.Model(gemma3_gguf, OPTS)
+    yield engine.Session(target, OPTS), engine.Session(draft, OPTS)
+    target.close()
+    draft.close()
+
+
+@pytest.fixture(scope="module")
+def smol_pair(smollm2_f32, smollm2_gguf):
+    target, draft = engine.Model(smollm2_f32, OPTS), engine.Model(smollm2_gguf, OPTS)
+    yield engine.Session(target, OPTS), engine.Session(draft, OPTS)
+    target.close()
+    draft.close()
+
+
+@pytest.mark.parametrize("pair", ["gemma_pair", "smol_pair"])
+def test_greedy_with_a_draft_is_the_targets_own_output(request, pair):
+    target, draft = request.getfixturevalue(pair)
+    speculative.check_compatible(target.model, draft.model)
+    for prompt in PROMPTS:
+        tokens = target.model.tokenize(prompt)
+        plain, _ = _run(target, tokens)
+        draft.clear()
+        spec, stats = _run(target, tokens, speculator=_draft(draft))
+        assert spec == plain, prompt
+        sp = stats.speculative
+        assert sp["drafted"] > 0 and sp["accepted"] > 0
+        assert sp["spec_tokens"] == sp["rounds"] + sp["accepted"]
+
+
+def test_greedy_with_prompt_lookup_is_the_targets_own_output(smollm2_gguf):
+    model = engine.Model(smollm2_gguf, OPTS)
+    try:
+        session = engine.Session(model, OPTS)
+        tokens = model.tokenize(f"Copy this passage word for word:\n{PASSAGE}\nCopy:\n")
+        plain, _ = _run(session, tokens, n=64)
+        spec, stats = _run(session, tokens, n=64, speculator=_always_on(
+            speculative.PromptLookup(stats=speculative.SpecStats("lookup"))))
+        assert spec == plain
+        assert stats.speculative["acceptance"] > 0.5  # a copy task is what lookup is for
+    finally:
+        model.close()
+
+
+def test_a_draft_with_another_vocabulary_is_refused(smollm2_gguf, gemma3_gguf, infer, smollm2_in_home):
+    target, draft = engine.Model(smollm2_gguf, OPTS), engine.Model(gemma3_gguf, OPTS)
+    try:
+        with pytest.raises(DraftIncompatible) as e:
+            speculative.check_compatible(target, draft)
+        assert "cannot draft for" in str(e.value)
+    finally:
+        target.close()
+        draft.close()
+    proc = infer("run", "smollm2", "hello", "--draft", str(gemma3_gguf))
+    assert proc.returncode == 65
+    assert proc.stderr.startswith("Error: ") and "cannot draft for" in proc.stderr
+    assert "Traceback" not in proc.stderr
+
+
+def test_same_vocabulary_check_names_the_first_differing_token(smollm2_gguf, monkeypatch):
+    target = engine.Model(smollm2_gguf, OPTS)
+    try:
+        texts = speculative._token_texts(target)
+        changed = list(texts)
+        changed[777] = "<other>"
+        calls = iter([texts, changed])
+        monkeypatch.setattr(speculative, "_token_texts", lambda m: next(calls))
+        with pytest.raises(DraftIncompatible, match="token 777"):
+            speculative.check_compatible(target, target)
+    finally:
+        target.close()
+
+
+def test_after_a_rejected_draft_the_next_logits_match_a_fresh_computation(gemma_pair):
+    target, _ = gemma_pair
+    model = target.model
+    tokens = model.tokenize("The capital of France is")
+    sampler = engine.Sampler(model, GREEDY)
+    target.clear()
+    target.prefill(tokens)
+    last = sampler.sample(target.ptr)
+    wrong = model.tokenize(" purple elephants dancing", add_special=False)
+    out = speculative.verify(target, sampler, last, wrong)
+    assert len(out) == 1  # the first draft is rejected: the target's own token comes back
+    assert target.tokens == [*tokens, last]
+    assert model.L.llama_memory_seq_pos_max(target.mem, 0) == len(tokens)  # rolled back
+    target.decode_one(out[0])
+    after = np.ctypeslib.as_array(model.L.llama_get_logits_ith(target.ptr, -1), shape=(model.n_vocab,)).copy()
+
+    fresh = engine.Session(model, OPTS)
+    fresh.prefill(tokens)
+    fresh.decode_one(last)
+    fresh.decode_one(out[0])
+    expected = np.ctypeslib.as_array(model.L.llama_get_logits_ith(fresh.ptr, -1), shape=(model.n_vocab,))
+    assert int(after.argmax()) == int(expected.argmax())
+    # Batch shape changes the arithmetic by rounding only.
+    assert np.allclose(after, expected, atol=1e-3 * float(np.abs(expected).max()))
+    fresh.close()
+
+
+def test_sampling_with_a_seed_is_reproducible_and_the_counts_add_up(gemma_pair):
+    target, draft = gemma_pair
+    tokens = target.model.tokenize("Once upon a time")
+    sampling = engine.Sampling(temperature=0.7, seed=1234)
+    runs = []
+    for _ in range(2):
+        draft.clear()
+        got, stats = _run(target, tokens, n=40, sampling=sampling, speculator=_draft(draft))
+        runs.append(got)
+        sp = stats.speculative
+        assert 0 <= sp["accepted"] <= sp["drafted"]
+        assert sp["spec_tokens"] == sp["rounds"] + sp["accepted"]
+        assert stats.generated_tokens <= 1 + sp["plain_tokens"] + sp["spec_tokens"]
+    assert runs[0] == runs[1]
+
+
+def test_speculation_switches_itself_off_when_it_does_not_pay():
+    spec = speculative.DraftModel(stats=speculative.SpecStats("draft"))
+    st = spec.stats
+    st.plain_tokens, st.plain_s = 3, 0.030              # 10 ms a token plain
+    st.rounds, st.spec_tokens, st.spec_s = 3, 6, 0.090  # 15 ms a token speculating
+    st.drafted, st.accepted = 12, 3
+    spec._maybe_switch_off()
+    assert st.switched_off and "switched off" in st.switched_off
+    paying = speculative.DraftModel(stats=speculative.SpecStats("draft"))
+    p = paying.stats
+    p.plain_tokens, p.plain_s, p.rounds, p.spec_tokens, p.spec_s = 3, 0.030, 3, 12, 0.060
+    paying._maybe_switch_off()
+    assert p.switched_off is None and p.speedup == pytest.approx(2.0)
+
+
+def test_draft_length_follows_acceptance():
+    spec = speculative.DraftModel(stats=speculative.SpecStats("draft"), draft_max=16)
+    spec.n_draft = 8
+    spec._adapt(8, 8)
+    assert spec.n_draft == 10
+    spec._adapt(2, 10)
+    assert spec.n_draft == 3
+    for _ in range(20):
+        spec._adapt(spec.n_draft, spec.n_draft)
+    assert spec.n_draft == 16
