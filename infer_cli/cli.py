@@ -6,6 +6,7 @@ need them, so `infer --help` stays instant.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -114,8 +115,7 @@ def run(
     opts = engine.EngineOptions(
         n_ctx=ctx or _default_ctx(resolved), n_batch=batch, n_ubatch=ubatch, threads=threads,
         cache_type_k=cache_type_k.lower(), cache_type_v=cache_type_v.lower(),
-        flash_attn=flash_attn.lower(), gpu_layers=_gpu_layers(gpu_layers), mlock=mlock,
-        mmap=not no_mmap, swa_full=swa_full)
+        flash_attn=flash_attn.lower(), mlock=mlock, mmap=not no_mmap, swa_full=swa_full)
     opts.check()
     given = {"temperature": temp, "top_k": top_k, "top_p": top_p, "min_p": min_p,
              "repeat_penalty": repeat_penalty, "repeat_last_n": repeat_last_n}
@@ -134,6 +134,7 @@ def run(
                                          param_hint="--draft")
         with out.transfer() as progress:
             draft_model = store.resolve(draft_ref, progress=progress)
+    opts = dataclasses.replace(opts, gpu_layers=_gpu_layers(gpu_layers, resolved, opts, draft_model))
     spec = cli_run.SpecSettings(draft_model, lookup, max(1, draft_max), draft_p_min) \
         if (draft_model or lookup) else None
     settings = cli_run.RunSettings(system, raw, max_tokens, tuple(stop or ()), ignore_eos,
@@ -153,19 +154,27 @@ def _default_ctx(resolved) -> int:
     return min(trained, 4096) if trained else 4096
 
 
-def _gpu_layers(value: str) -> int:
-    if value.strip().lower() == "auto":
-        import llama_cpp
+def _gpu_layers(value: str, resolved, opts, draft) -> int:
+    """--gpu-layers: a number, or auto: as many as `infer fit`'s plan puts on the GPU."""
+    if value.strip().lower() != "auto":
+        try:
+            n = int(value)
+        except ValueError:
+            raise typer.BadParameter(f"'{value}' is not a number or auto", param_hint="--gpu-layers") from None
+        return 999 if n < 0 else n
+    import llama_cpp
 
-        # Until the fit plan chooses (see `infer fit`): everything when a GPU build is present.
-        return 999 if llama_cpp.llama_supports_gpu_offload() else 0
-    try:
-        n = int(value)
-    except ValueError:
-        raise typer.BadParameter(f"'{value}' is not a number or auto", param_hint="--gpu-layers") from None
-    if n < 0:
-        return 999
-    return n
+    if not llama_cpp.llama_supports_gpu_offload():
+        return 0  # a CPU build: nothing to plan
+    from . import fit, hardware
+    from .gguf_info import read_gguf
+
+    options = fit.Options(n_ctx=opts.n_ctx, n_batch=opts.n_batch, n_ubatch=opts.n_ubatch,
+                          cache_type_k=opts.cache_type_k, cache_type_v=opts.cache_type_v,
+                          flash_attn=opts.flash_attn, swa_full=opts.swa_full)
+    plan = fit.plan(read_gguf(resolved.path), hardware.detect().hardware(), options,
+                    draft=read_gguf(draft.path) if draft else None)
+    return plan.gpu_layers
 
 
 # --- pull / list / show / rm -----------------------------------------------------------------
