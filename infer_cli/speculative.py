@@ -95,17 +95,23 @@ def _token_texts(model) -> list:
 
 @dataclass
 class Speculator:
-    """Proposes tokens, verifies them on the target, adapts, and knows when to step aside."""
+    """Proposes tokens, verifies them on the target, adapts, and knows when to step aside.
+
+    It keeps running estimates of what things cost here (a plain target step, a drafted token,
+    a verification batch as a function of its length) and of how often drafts are accepted,
+    and each round drafts the length that maximises expected tokens per second. When no length
+    beats plain decoding, it switches itself off for the rest of the run."""
 
     draft_max: int = 16
     draft_min: int = 1
     stats: SpecStats = field(default=None)  # type: ignore[assignment]
-    probe_plain: int = 3       # plain steps measured first, as the baseline
-    probe_rounds: int = 3      # speculative rounds before the first pays-or-not verdict
-    n_draft: int = 8
-
-    def propose(self, session, last: int, k: int) -> list[int]:
-        raise NotImplementedError
+    probe_plain: int = 2       # plain steps measured first, as the baseline
+    probe_rounds: int = 2      # speculative rounds before the first pays-or-not verdict
+    n_draft: int = 4
+    t_plain: float = 0.0       # seconds for one plain step (EMA)
+    t_draft: float = 0.0       # seconds per drafted token (EMA)
+    verify_slope: float = 0.0  # extra verification cost per drafted token, in plain steps (EMA)
+    rejections: int = 0        # rounds that ended on a rejected draft
 
     def prepare(self, prompt: list[int]) -> None:
         """Called once the target holds the prompt."""
@@ -113,54 +119,75 @@ class Speculator:
     def on_tokens(self, tokens: list[int]) -> None:
         """Called with every token the target produced (history for lookup)."""
 
-    def note(self) -> str | None:
-        return self.stats.switched_off
-
     # one step: returns the tokens produced; the last one is not yet in the target's KV --------
 
     def step(self, session, sampler, last: int, budget: int) -> list[int]:
         st = self.stats
-        measuring = st.plain_tokens < self.probe_plain
-        if st.switched_off or measuring or budget < 2:
+        if st.switched_off or st.plain_tokens < self.probe_plain or budget < 2:
             return self._plain(session, sampler, last)
         t0 = time.perf_counter()
         drafts = self.propose(session, last, min(self.n_draft, budget - 1))
         if not drafts:
             return self._plain(session, sampler, last)
+        t1 = time.perf_counter()
         out = verify(session, sampler, last, drafts)
+        t2 = time.perf_counter()
         accepted = len(out) - 1
         st.rounds += 1
         st.drafted += len(drafts)
         st.accepted += accepted
         st.spec_tokens += len(out)
-        st.spec_s += time.perf_counter() - t0
-        self._adapt(accepted, len(drafts))
-        self._maybe_switch_off()
+        st.spec_s += t2 - t0
+        self.rejections += accepted < len(drafts)
+        self._learn(len(drafts), t1 - t0, t2 - t1)
+        self._choose()
         return out
 
     def _plain(self, session, sampler, last: int) -> list[int]:
         t0 = time.perf_counter()
         session.decode_one(last)
         tok = sampler.sample(session.ptr)
-        self.stats.plain_s += time.perf_counter() - t0
-        self.stats.plain_tokens += 1
+        dt = time.perf_counter() - t0
+        st = self.stats
+        st.plain_s += dt
+        st.plain_tokens += 1
+        self.t_plain = dt if st.plain_tokens == 1 else 0.8 * self.t_plain + 0.2 * dt
         return [tok]
 
-    def _adapt(self, accepted: int, drafted: int) -> None:
-        if accepted == drafted:
-            self.n_draft = min(self.draft_max, self.n_draft + 2)
-        else:
-            self.n_draft = max(self.draft_min, accepted + 1)
+    @staticmethod
+    def _ema(old: float, new: float, first: bool) -> float:
+        return new if first else 0.7 * old + 0.3 * new
 
-    def _maybe_switch_off(self) -> None:
+    def _learn(self, n: int, drafting_s: float, verify_s: float) -> None:
+        first = self.stats.rounds == 1
+        self.t_draft = self._ema(self.t_draft, drafting_s / n, first)
+        if self.t_plain > 0:
+            slope = max(0.0, (verify_s / self.t_plain - 1.0) / n)
+            self.verify_slope = self._ema(self.verify_slope, slope, first)
+
+    def acceptance_rate(self) -> float:
+        """Per-token acceptance under a geometric model: accepted / (accepted + rejections)."""
         st = self.stats
-        if st.rounds < self.probe_rounds or not st.plain_tokens:
+        return st.accepted / (st.accepted + self.rejections) if st.accepted + self.rejections else 0.0
+
+    def expected_rate(self, n: int) -> float:
+        """Expected tokens per second drafting ``n``: (1 + a + ... + a^n) / (drafting + verify)."""
+        a = self.acceptance_rate()
+        tokens = sum(a ** i for i in range(n + 1))
+        seconds = n * self.t_draft + self.t_plain * (1.0 + self.verify_slope * n)
+        return tokens / seconds if seconds > 0 else 0.0
+
+    def _choose(self) -> None:
+        best = max(range(self.draft_min, self.draft_max + 1), key=self.expected_rate)
+        self.n_draft = best
+        st = self.stats
+        if st.rounds < self.probe_rounds or self.t_plain <= 0:
             return
-        plain = st.plain_s / st.plain_tokens
-        spec = st.spec_s / st.spec_tokens
-        if spec > plain:
+        plain_rate = 1.0 / self.t_plain
+        if self.expected_rate(best) < plain_rate:
+            spec = st.spec_s / st.spec_tokens
             st.switched_off = (f"speculation switched off: {spec * 1e3:.1f} ms a token against "
-                               f"{plain * 1e3:.1f} ms plain (acceptance {st.acceptance:.0%})")
+                               f"{self.t_plain * 1e3:.1f} ms plain (acceptance {st.acceptance:.0%})")
 
 
 def verify(session, sampler, last: int, drafts: list[int]) -> list[int]:

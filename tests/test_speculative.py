@@ -150,28 +150,32 @@ def test_sampling_with_a_seed_is_reproducible_and_the_counts_add_up(gemma_pair):
     assert runs[0] == runs[1]
 
 
-def test_speculation_switches_itself_off_when_it_does_not_pay():
-    spec = speculative.DraftModel(stats=speculative.SpecStats("draft"))
+def _costed(t_plain, t_draft, slope, accepted, rejections, rounds=3):
+    spec = speculative.DraftModel(stats=speculative.SpecStats("draft"), draft_max=16)
+    spec.t_plain, spec.t_draft, spec.verify_slope = t_plain, t_draft, slope
     st = spec.stats
-    st.plain_tokens, st.plain_s = 3, 0.030              # 10 ms a token plain
-    st.rounds, st.spec_tokens, st.spec_s = 3, 6, 0.090  # 15 ms a token speculating
-    st.drafted, st.accepted = 12, 3
-    spec._maybe_switch_off()
-    assert st.switched_off and "switched off" in st.switched_off
-    paying = speculative.DraftModel(stats=speculative.SpecStats("draft"))
-    p = paying.stats
-    p.plain_tokens, p.plain_s, p.rounds, p.spec_tokens, p.spec_s = 3, 0.030, 3, 12, 0.060
-    paying._maybe_switch_off()
-    assert p.switched_off is None and p.speedup == pytest.approx(2.0)
+    st.accepted, spec.rejections, st.rounds = accepted, rejections, rounds
+    st.drafted, st.spec_tokens, st.spec_s = accepted + rejections, accepted + rounds, 0.05
+    return spec
+
+
+def test_speculation_switches_itself_off_when_it_does_not_pay():
+    # A draft nearly as slow as the target and half its drafts rejected: never pays.
+    slow = _costed(t_plain=0.010, t_draft=0.009, slope=0.2, accepted=5, rejections=5)
+    slow._choose()
+    assert slow.stats.switched_off and "switched off" in slow.stats.switched_off
+    # A cheap draft that is nearly always right: keeps going, with long drafts.
+    good = _costed(t_plain=0.018, t_draft=0.002, slope=0.05, accepted=95, rejections=5)
+    good._choose()
+    assert good.stats.switched_off is None and good.n_draft >= 8
+    assert good.expected_rate(good.n_draft) > 1.5 / good.t_plain
 
 
 def test_draft_length_follows_acceptance():
-    spec = speculative.DraftModel(stats=speculative.SpecStats("draft"), draft_max=16)
-    spec.n_draft = 8
-    spec._adapt(8, 8)
-    assert spec.n_draft == 10
-    spec._adapt(2, 10)
-    assert spec.n_draft == 3
-    for _ in range(20):
-        spec._adapt(spec.n_draft, spec.n_draft)
-    assert spec.n_draft == 16
+    lengths = []
+    for accepted in (5, 50, 95, 99):
+        spec = _costed(t_plain=0.018, t_draft=0.002, slope=0.05, accepted=accepted,
+                       rejections=100 - accepted)
+        spec._choose()
+        lengths.append(spec.n_draft)
+    assert lengths == sorted(lengths) and lengths[0] < lengths[-1]
