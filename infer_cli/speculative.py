@@ -109,9 +109,11 @@ class Speculator:
     probe_rounds: int = 2      # speculative rounds before the first pays-or-not verdict
     n_draft: int = 4
     t_plain: float = 0.0       # seconds for one plain step (EMA)
-    t_draft: float = 0.0       # seconds per drafted token (EMA)
+    t_draft: float = 0.0       # seconds per drafted token after the first (EMA)
+    t_overhead: float = 0.0    # seconds a round costs before its first draft (EMA)
     verify_slope: float = 0.0  # extra verification cost per drafted token, in plain steps (EMA)
     rejections: int = 0        # rounds that ended on a rejected draft
+    last_overhead: float | None = None  # set by propose(): time before the first draft
 
     def prepare(self, prompt: list[int]) -> None:
         """Called once the target holds the prompt."""
@@ -130,6 +132,7 @@ class Speculator:
         if not drafts:
             return self._plain(session, sampler, last)
         t1 = time.perf_counter()
+        overhead = self.last_overhead if self.last_overhead is not None else (t1 - t0) / len(drafts)
         out = verify(session, sampler, last, drafts)
         t2 = time.perf_counter()
         accepted = len(out) - 1
@@ -139,8 +142,9 @@ class Speculator:
         st.spec_tokens += len(out)
         st.spec_s += t2 - t0
         self.rejections += accepted < len(drafts)
-        self._learn(len(drafts), t1 - t0, t2 - t1)
-        self._choose()
+        self._learn(len(drafts), overhead, t1 - t0 - overhead, t2 - t1)
+        if st.rounds > 1:  # the first round pays one-time costs: learn from it, do not act on it
+            self._choose()
         return out
 
     def _plain(self, session, sampler, last: int) -> list[int]:
@@ -158,9 +162,11 @@ class Speculator:
     def _ema(old: float, new: float, first: bool) -> float:
         return new if first else 0.7 * old + 0.3 * new
 
-    def _learn(self, n: int, drafting_s: float, verify_s: float) -> None:
+    def _learn(self, n: int, overhead_s: float, drafting_s: float, verify_s: float) -> None:
         first = self.stats.rounds == 1
-        self.t_draft = self._ema(self.t_draft, drafting_s / n, first)
+        self.t_overhead = self._ema(self.t_overhead, overhead_s, first)
+        if n > 1:
+            self.t_draft = self._ema(self.t_draft, drafting_s / (n - 1), first or self.t_draft == 0)
         if self.t_plain > 0:
             slope = max(0.0, (verify_s / self.t_plain - 1.0) / n)
             self.verify_slope = self._ema(self.verify_slope, slope, first)
@@ -174,7 +180,7 @@ class Speculator:
         """Expected tokens per second drafting ``n``: (1 + a + ... + a^n) / (drafting + verify)."""
         a = self.acceptance_rate()
         tokens = sum(a ** i for i in range(n + 1))
-        seconds = n * self.t_draft + self.t_plain * (1.0 + self.verify_slope * n)
+        seconds = self.t_overhead + (n - 1) * self.t_draft + self.t_plain * (1.0 + self.verify_slope * n)
         return tokens / seconds if seconds > 0 else 0.0
 
     def _choose(self) -> None:
@@ -220,12 +226,15 @@ class DraftModel(Speculator):
         self.draft_session.sync(prompt[:-1])  # the last prompt token comes with the first step
 
     def propose(self, session, last: int, k: int) -> list[int]:
+        t0 = time.perf_counter()
         d = self.draft_session
         d.sync(session.tokens)  # same prefix as the target (rolls back what was rejected)
         d.decode_one(last)
         drafts: list[int] = []
         for i in range(k):
             tok, p = d.top(-1)
+            if i == 0:
+                self.last_overhead = time.perf_counter() - t0
             if p < self.p_min:
                 break
             drafts.append(tok)
@@ -266,6 +275,7 @@ class PromptLookup(Speculator):
         if len(h) < self.ngram + 1:
             return []
         self._reindex()
+        self.last_overhead = 0.0
         key = tuple(h[-self.ngram:])
         start = self.index.get(key)
         if start is None or start >= len(h):

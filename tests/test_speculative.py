@@ -152,7 +152,7 @@ def test_sampling_with_a_seed_is_reproducible_and_the_counts_add_up(gemma_pair):
 
 def _costed(t_plain, t_draft, slope, accepted, rejections, rounds=3):
     spec = speculative.DraftModel(stats=speculative.SpecStats("draft"), draft_max=16)
-    spec.t_plain, spec.t_draft, spec.verify_slope = t_plain, t_draft, slope
+    spec.t_plain, spec.t_draft, spec.t_overhead, spec.verify_slope = t_plain, t_draft, t_draft, slope
     st = spec.stats
     st.accepted, spec.rejections, st.rounds = accepted, rejections, rounds
     st.drafted, st.spec_tokens, st.spec_s = accepted + rejections, accepted + rounds, 0.05
