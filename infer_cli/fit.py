@@ -44,8 +44,11 @@ SWA_DEFAULT_PATTERN = {"gemma2": (2, False), "gemma3": (6, False), "gemma3n": (5
                        "exaone4": (4, False), "olmo2": (4, False), "openai-moe": (2, False),
                        "gpt-oss": (2, False), "afmoe": (4, False), "smallthinker": (4, True)}
 # Stated allowances: what a GPU runtime takes before any buffer (CUDA context, cuBLAS
-# workspace; Metal's command queues), and what the process itself needs in RAM.
-GPU_OVERHEAD = {"cuda": 400 * MIB, "metal": 256 * MIB, "": 0}
+# workspace, memory pool; Metal's command queues), and what the process itself needs in RAM.
+# CUDA: measured on an H200 (CUDA 13, driver 580) with llama.cpp 0c1e570: 528-532 MiB beyond
+# llama.cpp's buffers once the context exists, 608-619 MiB after the first decode (cuBLAS and
+# the pool grow), 718 MiB with flash attention off. Other cards and drivers differ a little.
+GPU_OVERHEAD = {"cuda": 640 * MIB, "metal": 256 * MIB, "": 0}
 PROCESS_RAM = 64 * MIB  # interpreter + llama.cpp libraries (dry run: 61 MiB RSS)
 VRAM_MARGIN = 0.05      # keep 5% of the GPU's memory free
 RAM_MARGIN = 0.10       # and 10% of the available RAM
