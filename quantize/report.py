@@ -72,50 +72,30 @@ class _Scorer:
     """A model with a context that returns logits for every position of a chunk."""
 
     def __init__(self, path: Path, n_ctx: int, threads: int | None):
-        from infer_cli.engine import EngineOptions, Model, default_threads
+        from infer_cli.engine import EngineOptions, Model, Session
 
-        self.model = Model(path, EngineOptions(n_ctx=n_ctx))
-        L = self.L = self.model.L
-        params = L.llama_context_default_params()
-        params.n_ctx = params.n_batch = params.n_ubatch = n_ctx
-        params.n_threads = params.n_threads_batch = threads or default_threads()
-        params.no_perf = True
-        self.ctx = L.llama_init_from_model(self.model.ptr, params)
-        if not self.ctx:
-            from infer_cli.errors import ModelLoadFailed
-
-            raise ModelLoadFailed(str(path), "could not create an evaluation context")
+        opts = EngineOptions(n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, threads=threads,
+                             warmup=False)
+        self.model = Model(path, opts)
+        self.session = Session(self.model, opts)
+        self.L = self.model.L
         self.n_ctx = n_ctx
-        self.batch = L.llama_batch_init(n_ctx, 0, 1)
         self.n_vocab = self.model.n_vocab
 
     def logprobs(self, tokens: list[int]):
         """(len(tokens), n_vocab) float32 log-probabilities after each token."""
         import numpy as np
 
-        L, b, n = self.L, self.batch, len(tokens)
-        L.llama_memory_clear(L.llama_get_memory(self.ctx), True)
-        for i, tok in enumerate(tokens):
-            b.token[i] = tok
-            b.pos[i] = i
-            b.n_seq_id[i] = 1
-            b.seq_id[i][0] = 0
-            b.logits[i] = 1
-        b.n_tokens = n
-        rc = L.llama_decode(self.ctx, b)
-        if rc != 0:
-            from infer_cli.errors import QuantizeFailed
-
-            raise QuantizeFailed(str(self.model.path), f"llama_decode returned {rc} in evaluation")
-        ptr = L.llama_get_logits(self.ctx)
-        x = np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab)).astype(np.float32)
+        self.session.clear()
+        self.session.decode_all(tokens)
+        ptr = self.L.llama_get_logits(self.session.ptr)
+        x = np.ctypeslib.as_array(ptr, shape=(len(tokens), self.n_vocab)).astype(np.float32)
         x -= x.max(axis=1, keepdims=True)
         x -= np.log(np.exp(x).sum(axis=1, keepdims=True))
         return x
 
     def close(self) -> None:
-        self.L.llama_batch_free(self.batch)
-        self.L.llama_free(self.ctx)
+        self.session.close()
         self.model.close()
 
 
