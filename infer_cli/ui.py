@@ -57,7 +57,7 @@ class Output:
         from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn,
                                    TimeRemainingColumn, TransferSpeedColumn)
 
-        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(),
+        columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(binary_units=True),
                    TransferSpeedColumn(), TimeRemainingColumn())
         with Progress(*columns, console=self.err, transient=False) as bars:
             tasks: dict[str, Any] = {}
