@@ -13,7 +13,7 @@ import ctypes
 import os
 import resource
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -646,7 +646,3 @@ def stream(session: Session, req: Request, *, stats: Stats | None = None,
         if speculator.stats.switched_off:
             stats.notes.append(speculator.stats.switched_off)
     yield Event(tail, None, stats, finish)
-
-
-def with_defaults(opts: EngineOptions, **changes) -> EngineOptions:
-    return replace(opts, **{k: v for k, v in changes.items() if v is not None})
