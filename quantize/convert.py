@@ -2,7 +2,8 @@
 
 Tensors are read one at a time from memory-mapped safetensors and written straight to the
 output, so memory stays near the size of the largest tensor. Supported so far: the Llama
-family (Llama, Mistral, SmolLM) and Qwen2 / Qwen2.5, byte-level BPE tokenizers.
+family (Llama 2/3/3.1+ with llama3 rope scaling, Mistral, SmolLM), Qwen2 / Qwen2.5 with byte-level
+BPE tokenizers, and Gemma 3 (text) with its SentencePiece tokenizer.model.
 """
 
 from __future__ import annotations
@@ -24,12 +25,14 @@ from .safetensors_io import TensorRef, load_f32, read_header
 class Family:
     arch: str            # GGUF architecture name
     permute_qk: bool     # Llama's rotary layout differs from the HF one
+    norm_shift: float = 0.0  # added to every *norm.weight (Gemma's RMSNorm scales by 1 + w)
 
 
 FAMILIES = {
     "LlamaForCausalLM": Family("llama", True),
     "MistralForCausalLM": Family("llama", True),
     "Qwen2ForCausalLM": Family("qwen2", False),
+    "Gemma3ForCausalLM": Family("gemma3", False, 1.0),
 }
 
 
@@ -102,7 +105,58 @@ def _plan_tensors(refs: dict[str, TensorRef], fam: Family, config: dict) -> list
     return plan
 
 
+def rope_params(c: dict) -> dict:
+    p = dict(c.get("rope_parameters") or c.get("rope_scaling") or {})
+    p = dict(p.get("full_attention", p))
+    if "rope_type" not in p and "type" in p:
+        p["rope_type"] = p["type"]
+    return p
+
+
+def llama3_rope_factors(c: dict):
+    """Per-frequency divisors for Llama 3.1+'s rope scaling (the ``rope_freqs`` tensor), by the
+    rule of llama.cpp's converter: long wavelengths scaled by ``factor``, short ones kept, a smooth
+    blend between."""
+    import math
+
+    import numpy as np
+
+    p = rope_params(c)
+    base = float(p.get("rope_theta", c.get("rope_theta", 10000.0)))
+    dim = int(c.get("head_dim") or c["hidden_size"] // c["num_attention_heads"])
+    factor = float(p.get("factor", 8.0))
+    lo, hi = float(p.get("low_freq_factor", 1.0)), float(p.get("high_freq_factor", 4.0))
+    old = float(p.get("original_max_position_embeddings", 8192))
+    freqs = 1.0 / (base ** (np.arange(0, dim, 2, dtype=np.float32) / dim))
+    out = []
+    for f in freqs:
+        wavelen = 2 * math.pi / f
+        if wavelen < old / hi:
+            out.append(1.0)
+        elif wavelen > old / lo:
+            out.append(factor)
+        else:
+            smooth = (old / wavelen - lo) / (hi - lo)
+            out.append(1 / ((1 - smooth) / factor + smooth))
+    return np.asarray(out, dtype=np.float32)
+
+
+@dataclass(frozen=True)
+class Extra:
+    """A tensor the converter makes rather than reads (ref-compatible where the writer needs it)."""
+    name: str
+    data: object
+
+    @property
+    def shape(self):
+        return tuple(self.data.shape)
+
+
 def _transform(name: str, hf: str, data, fam: Family, config: dict):
+    if fam.norm_shift and hf.endswith("norm.weight"):
+        return data + fam.norm_shift
+    if fam.arch == "gemma3" and hf.endswith("embed_tokens.weight"):
+        return data[:config["_n_vocab"]]   # rows past the tokenizer's vocabulary are dropped
     if fam.permute_qk and hf.endswith("q_proj.weight"):
         return _permute(data, int(config["num_attention_heads"]))
     if fam.permute_qk and hf.endswith("k_proj.weight"):
@@ -145,9 +199,14 @@ def convert_checkpoint(folder: Path, dst: Path, out_type: str = "F16", *,
     fam = family_of(config)
     refs = tensor_refs(folder)
     plan = _plan_tensors(refs, fam, config)
+    if fam.arch == "llama" and rope_params(config).get("rope_type", "").lower() == "llama3":
+        plan.append(("rope_freqs.weight", Extra("rope_freqs", llama3_rope_factors(config))))
     from .tokenizer_meta import read_tokenizer
 
-    tok = read_tokenizer(folder, int(config.get("vocab_size") or 0))
+    tok = read_tokenizer(folder, int(config.get("vocab_size") or 0), sentencepiece=fam.arch == "gemma3")
+    if fam.arch == "gemma3":
+        config = dict(config, _n_vocab=len(tok.tokens))
+        plan = [(n, _Truncated(r, len(tok.tokens)) if n == "token_embd.weight" else r) for n, r in plan]
     dst.parent.mkdir(parents=True, exist_ok=True)
     bpw = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5}[out_type]
     n_params = sum(_count(r.shape) for _, r in plan)
@@ -177,7 +236,8 @@ def convert_checkpoint(folder: Path, dst: Path, out_type: str = "F16", *,
         w.write_ti_data_to_file()
         for i, ((name, ref), typ) in enumerate(zip(plan, encoded_shapes)):
             hf = ref.name
-            data = _transform(name, hf, load_f32(ref), fam, config)
+            raw = ref.data if isinstance(ref, Extra) else load_f32(ref.ref if isinstance(ref, _Truncated) else ref)
+            data = _transform(name, hf, raw, fam, config)
             arr, got = _encode(data, out_type, name)
             assert got == typ
             w.write_tensor_data(arr)
@@ -192,6 +252,21 @@ def convert_checkpoint(folder: Path, dst: Path, out_type: str = "F16", *,
     return QuantResult(dst, out_type, time.perf_counter() - t0, dst.stat().st_size, n_params)
 
 
+@dataclass(frozen=True)
+class _Truncated:
+    """A ref whose leading dimension is cut to ``rows`` (Gemma's embedding past the vocabulary)."""
+    ref: TensorRef
+    rows: int
+
+    @property
+    def name(self):
+        return self.ref.name
+
+    @property
+    def shape(self):
+        return (min(self.rows, self.ref.shape[0]),) + tuple(self.ref.shape[1:])
+
+
 def _count(shape) -> int:
     n = 1
     for d in shape:
@@ -202,16 +277,37 @@ def _count(shape) -> int:
 def _metadata(w, fam: Family, c: dict, folder: Path, out_type: str) -> None:
     n_head = int(c["num_attention_heads"])
     head_dim = int(c.get("head_dim") or c["hidden_size"] // n_head)
+    gemma = fam.arch == "gemma3"
     w.add_name(folder.name)
-    w.add_context_length(int(c.get("max_position_embeddings", 4096)))
+    w.add_context_length(int(c.get("max_position_embeddings", 131072 if gemma else 4096)))
     w.add_embedding_length(int(c["hidden_size"]))
     w.add_block_count(int(c["num_hidden_layers"]))
     w.add_feed_forward_length(int(c["intermediate_size"]))
     w.add_head_count(n_head)
     w.add_head_count_kv(int(c.get("num_key_value_heads") or n_head))
-    w.add_rope_dimension_count(head_dim)
-    w.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-5)))
-    w.add_rope_freq_base(float(c.get("rope_theta", 10000.0)))
-    if c.get("vocab_size"):
+    if gemma:
+        w.add_key_length(head_dim)
+        w.add_value_length(head_dim)
+        if c.get("final_logit_softcapping"):
+            w.add_final_logit_softcapping(float(c["final_logit_softcapping"]))
+        if c.get("sliding_window_pattern") != 1 and c.get("sliding_window"):
+            w.add_sliding_window(int(c["sliding_window"]))
+    else:
+        w.add_rope_dimension_count(head_dim)
+    w.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-6 if gemma else 1e-5)))
+    rp = rope_params(c)
+    w.add_rope_freq_base(float(c.get("rope_theta") or rp.get("rope_theta")
+                               or (1_000_000.0 if gemma else 10000.0)))
+    import gguf
+
+    kind, factor = str(rp.get("rope_type", "")).lower(), rp.get("factor")
+    if kind == "linear" and factor is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        w.add_rope_scaling_factor(float(factor))
+    elif kind == "yarn" and factor is not None:
+        w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+        w.add_rope_scaling_factor(float(factor))
+        w.add_rope_scaling_orig_ctx_len(int(rp["original_max_position_embeddings"]))
+    if c.get("vocab_size") and not gemma:
         w.add_vocab_size(int(c["vocab_size"]))
     w.add_file_type(FILE_TYPES[out_type])

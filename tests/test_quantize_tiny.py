@@ -1,0 +1,185 @@
+"""Tiny random Llama-3-shaped and Qwen2-shaped checkpoints (numpy weights, a byte-level BPE
+tokenizer trained here with the `tokenizers` package) convert to GGUF and run in llama.cpp:
+token ids equal the `tokenizers` ids, and llama.cpp's logits equal a numpy forward pass of the
+Hugging Face model (which checks the q/k permutation, GQA, biases and Llama 3.1's rope_freqs)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+tokenizers = pytest.importorskip("tokenizers")
+
+LLAMA3_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}|"
+                r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+QWEN2_SPLIT = (r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+               r" ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+")
+CORPUS = ["The quick brown fox jumps over the lazy dog. " * 3,
+          "def main(argv):\n    for i in range(10):\n        print(i, argv[i])\n",
+          "In 2024 there were 1,234,567 people; 3.14159 is pi. It's what they'd've said.",
+          "Ünïcödé façade naïve — 日本語のテキスト, emoji 🙂 and tabs\tand  spaces",
+          "I'm sure you'll see we're done. They've gone, haven't they?"] * 4
+TEXTS = ["Hello, world! Ünïcödé ✓ 日本語 🙂", "def f(x):\n    return x ** 2  # 12345",
+         "a    b\t\tc\n\n\nd  ", "3.14159 and 2,718,281 items 0000001", "It's THEY'LL we'D",
+         "   leading spaces\r\nwindows lines", "unknown: ℵ₀ ∑ ⊗ ǅ"]
+
+
+def _tokenizer(split: str, specials: list[str], nfc: bool):
+    from tokenizers import Regex, Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    if nfc:
+        tok.normalizer = normalizers.NFC()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Split(Regex(split), behavior="isolated", invert=False),
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)])
+    tok.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=420, show_progress=False,
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    tok.train_from_iterator(CORPUS, trainer)
+    tok.add_special_tokens(specials)
+    return tok
+
+
+def _checkpoint(folder: Path, kind: str) -> tuple[Path, dict]:
+    from quantize.safetensors_io import write
+
+    rng = np.random.default_rng(7 if kind == "llama3" else 11)
+    if kind == "llama3":
+        tok = _tokenizer(LLAMA3_SPLIT, ["<|begin_of_text|>", "<|end_of_text|>"], False)
+        cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "rope_theta": 10000.0,
+               "rope_scaling": {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0,
+                                "high_freq_factor": 4.0, "original_max_position_embeddings": 64},
+               "tie_word_embeddings": False}
+        tcfg = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "add_bos_token": True}
+    else:
+        tok = _tokenizer(QWEN2_SPLIT, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], True)
+        cfg = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "rope_theta": 1000000.0,
+               "tie_word_embeddings": True}
+        tcfg = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "add_bos_token": False,
+                "chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"}
+    n_vocab, d, n_head, n_kv, hd, ff, n_layer = tok.get_vocab_size(), 64, 4, 2, 16, 96, 2
+    cfg.update({"hidden_size": d, "num_attention_heads": n_head, "num_key_value_heads": n_kv,
+                "intermediate_size": ff, "num_hidden_layers": n_layer, "vocab_size": n_vocab,
+                "max_position_embeddings": 256, "rms_norm_eps": 1e-5})
+
+    def w(*shape, s=0.15):  # rounded to F16, so the F16 GGUF holds exactly these values
+        return (rng.standard_normal(shape) * s).astype(np.float16).astype(np.float32)
+
+    t = {"model.embed_tokens.weight": w(n_vocab, d, s=0.5), "model.norm.weight": 1 + w(d, s=0.1)}
+    if not cfg["tie_word_embeddings"]:
+        t["lm_head.weight"] = w(n_vocab, d, s=0.3)
+    for i in range(n_layer):
+        p = f"model.layers.{i}."
+        t |= {p + "input_layernorm.weight": 1 + w(d, s=0.1), p + "post_attention_layernorm.weight": 1 + w(d, s=0.1),
+              p + "self_attn.q_proj.weight": w(n_head * hd, d), p + "self_attn.k_proj.weight": w(n_kv * hd, d),
+              p + "self_attn.v_proj.weight": w(n_kv * hd, d), p + "self_attn.o_proj.weight": w(d, n_head * hd),
+              p + "mlp.gate_proj.weight": w(ff, d), p + "mlp.up_proj.weight": w(ff, d),
+              p + "mlp.down_proj.weight": w(d, ff)}
+        if kind == "qwen2":
+            t |= {p + "self_attn.q_proj.bias": w(n_head * hd, s=0.3), p + "self_attn.k_proj.bias": w(n_kv * hd, s=0.3),
+                  p + "self_attn.v_proj.bias": w(n_kv * hd, s=0.3)}
+    folder.mkdir(parents=True)
+    write(folder / "model.safetensors", {k: v.astype(np.float16) if v.ndim == 2 else v for k, v in t.items()})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "tokenizer_config.json").write_text(json.dumps(tcfg))
+    tok.save(str(folder / "tokenizer.json"))
+    return folder, t
+
+
+def _rope_inv_freq(cfg):
+    from quantize.convert import llama3_rope_factors
+
+    hd = cfg["hidden_size"] // cfg["num_attention_heads"]
+    inv = 1.0 / cfg["rope_theta"] ** (np.arange(0, hd, 2) / hd)
+    if (cfg.get("rope_scaling") or {}).get("rope_type") == "llama3":
+        inv = inv / llama3_rope_factors(cfg)
+    return inv
+
+
+def _reference_logits(t: dict, cfg: dict, ids: list[int]) -> np.ndarray:
+    """Hugging Face's Llama / Qwen2 forward pass in float64 numpy."""
+    d, nh, nkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
+    hd, eps, n = d // nh, cfg["rms_norm_eps"], len(ids)
+    g = {k: v.astype(np.float64) for k, v in t.items()}
+    norm = lambda x, w: x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w  # noqa: E731
+    ang = np.arange(n)[:, None] * _rope_inv_freq(cfg)[None, :]
+    cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+
+    def rope(x):  # (heads, n, hd), rotate_half
+        rot = np.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1)
+        return x * cos + rot * sin
+
+    x = g["model.embed_tokens.weight"][ids]
+    mask = np.triu(np.full((n, n), -np.inf), 1)
+    for i in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        h = norm(x, g[p + "input_layernorm.weight"])
+        proj = lambda name, heads: ((h @ g[p + name + ".weight"].T + g.get(p + name + ".bias", 0))  # noqa: E731
+                                    .reshape(n, heads, hd).transpose(1, 0, 2))
+        q, k, v = rope(proj("self_attn.q_proj", nh)), rope(proj("self_attn.k_proj", nkv)), proj("self_attn.v_proj", nkv)
+        k, v = np.repeat(k, nh // nkv, 0), np.repeat(v, nh // nkv, 0)
+        s = q @ k.transpose(0, 2, 1) / np.sqrt(hd) + mask
+        s = np.exp(s - s.max(-1, keepdims=True))
+        a = (s / s.sum(-1, keepdims=True)) @ v
+        x = x + a.transpose(1, 0, 2).reshape(n, d) @ g[p + "self_attn.o_proj.weight"].T
+        h = norm(x, g[p + "post_attention_layernorm.weight"])
+        gate = h @ g[p + "mlp.gate_proj.weight"].T
+        x = x + ((gate / (1 + np.exp(-gate))) * (h @ g[p + "mlp.up_proj.weight"].T)) @ g[p + "mlp.down_proj.weight"].T
+    head = g.get("lm_head.weight", g["model.embed_tokens.weight"])
+    return norm(x, g["model.norm.weight"]) @ head.T
+
+
+@pytest.mark.parametrize("kind, pre", [("llama3", "llama-bpe"), ("qwen2", "qwen2")])
+def test_tiny_checkpoint_converts_tokenizes_and_matches_reference(kind, pre, tmp_path):
+    from gguf import GGUFReader
+    from tokenizers import Tokenizer
+
+    from infer_cli.engine import EngineOptions, Model, Session
+    from quantize.convert import convert_checkpoint
+
+    folder, weights = _checkpoint(tmp_path / kind, kind)
+    cfg = json.loads((folder / "config.json").read_text())
+    out = convert_checkpoint(folder, tmp_path / f"{kind}.F16.gguf", "F16").path
+
+    r = GGUFReader(str(out))
+    assert r.fields["tokenizer.ggml.pre"].contents() == pre
+    names = {t.name for t in r.tensors}
+    assert ("rope_freqs.weight" in names) == (kind == "llama3")
+    assert ("output.weight" in names) == (kind == "llama3")
+
+    hf = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    opts = EngineOptions(warmup=False, n_ctx=256, threads=2)
+    m = Model(out, opts)
+    try:
+        for text in TEXTS + CORPUS[:5]:
+            assert m.tokenize(text, add_special=False) == hf.encode(text, add_special_tokens=False).ids, text
+        specials = m.tokenize("<|im_start|>x<|im_end|>" if kind == "qwen2" else "<|end_of_text|>x")
+        bos = hf.token_to_id("<|begin_of_text|>")
+        assert specials[:1] == ([bos] if kind == "llama3" else specials[:1])
+        assert (kind == "qwen2") == (specials[0] == hf.token_to_id("<|im_start|>"))
+
+        ids = hf.encode(TEXTS[0] + " " + TEXTS[1], add_special_tokens=False).ids[:24]
+        ref = _reference_logits(weights, cfg, ids)
+        s = Session(m, opts)
+        try:
+            s.decode_all(ids)
+            got = np.stack([np.ctypeslib.as_array(s.L.llama_get_logits_ith(s.ptr, i), shape=(m.n_vocab,))
+                            for i in range(len(ids))]).astype(np.float64)
+            scale = np.abs(ref).max()
+            assert np.abs(got - ref).max() < 0.02 * scale, (np.abs(got - ref).max(), scale)
+            assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+            # a few greedy tokens
+            s.clear()
+            s.decode(ids[:4])
+            for _ in range(8):
+                nxt, _ = s.top()
+                s.decode_one(nxt)
+            assert len(s.tokens) == 12
+        finally:
+            s.close()
+    finally:
+        m.close()
