@@ -86,3 +86,92 @@ def export_llama(gguf_path: Path, folder: Path) -> Path:
         cfg["add_bos_token"] = bool(field("tokenizer.ggml.add_bos_token"))
     (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
     return folder
+
+
+# --- Gemma 3 ------------------------------------------------------------------------------------
+
+_GEMMA3 = dict(_HF, attn_q_norm="self_attn.q_norm", attn_k_norm="self_attn.k_norm",
+               post_attention_norm="post_attention_layernorm", ffn_norm="pre_feedforward_layernorm",
+               post_ffw_norm="post_feedforward_layernorm")
+
+
+def _pb_varint(n: int) -> bytes:
+    out = bytearray()
+    while True:
+        b, n = n & 0x7F, n >> 7
+        out.append(b | (0x80 if n else 0))
+        if not n:
+            return bytes(out)
+
+
+def _pb_bytes(num: int, data: bytes) -> bytes:
+    return _pb_varint(num << 3 | 2) + _pb_varint(len(data)) + data
+
+
+def sentencepiece_model(tokens, scores, types) -> bytes:
+    """A SentencePiece ModelProto holding only the pieces (piece, score, type)."""
+    import struct
+
+    out = bytearray()
+    for t, s, ty in zip(tokens, scores, types):
+        piece = _pb_bytes(1, t.encode("utf-8")) + _pb_varint(2 << 3 | 5) + struct.pack("<f", s)
+        if ty != 1:
+            piece += _pb_varint(3 << 3) + _pb_varint(int(ty))
+        out += _pb_bytes(1, piece)
+    return bytes(out)
+
+
+def export_gemma3(gguf_path: Path, folder: Path) -> Path:
+    """Gemma 3 GGUF -> HF folder: norm weights minus the 1 llama.cpp's converter adds, the
+    SentencePiece vocabulary as tokenizer.model, user-defined tokens in added_tokens_decoder."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    from quantize.safetensors_io import write
+
+    r = GGUFReader(str(gguf_path))
+    field = lambda key: r.fields[key].contents()  # noqa: E731
+    tensors = {}
+    for t in r.tensors:
+        data = dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(x) for x in t.shape])))
+        data = data.astype(np.float32)
+        parts = t.name.split(".")
+        if parts[0] == "blk":
+            hf = f"model.layers.{parts[1]}.{_GEMMA3[parts[2]]}.{parts[3]}"
+        else:
+            hf = f"{_GEMMA3[parts[0]]}.{parts[1]}"
+        if hf.endswith("norm.weight"):
+            data = data - np.float32(1.0)
+        tensors[hf] = data
+    folder.mkdir(parents=True, exist_ok=True)
+    write(folder / "model.safetensors", tensors)
+    tokens, scores = field("tokenizer.ggml.tokens"), field("tokenizer.ggml.scores")
+    types = field("tokenizer.ggml.token_type")
+    head_dim = field("gemma3.attention.key_length")
+    config = {
+        "architectures": ["Gemma3ForCausalLM"], "model_type": "gemma3_text",
+        "hidden_size": field("gemma3.embedding_length"),
+        "intermediate_size": field("gemma3.feed_forward_length"),
+        "num_hidden_layers": field("gemma3.block_count"),
+        "num_attention_heads": field("gemma3.attention.head_count"),
+        "num_key_value_heads": field("gemma3.attention.head_count_kv"), "head_dim": head_dim,
+        "max_position_embeddings": field("gemma3.context_length"),
+        "rms_norm_eps": field("gemma3.attention.layer_norm_rms_epsilon"),
+        "rope_theta": field("gemma3.rope.freq_base"), "rope_local_base_freq": 10000.0,
+        "sliding_window": field("gemma3.attention.sliding_window"), "query_pre_attn_scalar": head_dim,
+        "vocab_size": len(tokens), "tie_word_embeddings": True, "final_logit_softcapping": None,
+        "attn_logit_softcapping": None, "rope_scaling": None, "hidden_activation": "gelu_pytorch_tanh",
+    }
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "tokenizer.model").write_bytes(sentencepiece_model(tokens, scores, types))
+    name = lambda k: tokens[field(k)] if k in r.fields else None  # noqa: E731
+    cfg = {"bos_token": name("tokenizer.ggml.bos_token_id"),
+           "eos_token": name("tokenizer.ggml.eos_token_id"),
+           "unk_token": name("tokenizer.ggml.unknown_token_id"),
+           "pad_token": name("tokenizer.ggml.padding_token_id"),
+           "add_bos_token": bool(field("tokenizer.ggml.add_bos_token")),
+           "add_eos_token": bool(field("tokenizer.ggml.add_eos_token")),
+           "added_tokens_decoder": {str(i): {"content": t, "special": False}
+                                    for i, (t, ty) in enumerate(zip(tokens, types)) if ty == 4}}
+    (folder / "tokenizer_config.json").write_text(json.dumps(cfg))
+    return folder

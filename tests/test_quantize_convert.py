@@ -11,7 +11,7 @@ import pytest
 
 from quantize.llama_quant import QuantOptions, quantize
 from quantize.types import lookup
-from tests.quantize_export import export_llama
+from tests.quantize_export import export_gemma3, export_llama
 
 TEXTS = ["Hello, world! Ünïcödé ✓ 日本語", "def f(x):\n    return x ** 2  # 12345",
          "a    b\t\tc\n\n\nd", "3.14159 and 2,718,281 items", "<|im_start|>user\nhi<|im_end|>"]
@@ -55,6 +55,41 @@ def test_round_trip_smollm2(infer, smollm2_hf, smollm2_f16, tmp_path):
     g1, g2 = infer("run", str(conv), *args), infer("run", str(smollm2_f16), *args)
     assert g1.returncode == 0 and g2.returncode == 0, g1.stderr + g2.stderr
     assert g1.stdout == g2.stdout
+
+
+@pytest.fixture(scope="module")
+def gemma3_hf(gemma3_gguf, tmp_path_factory) -> Path:
+    return export_gemma3(gemma3_gguf, tmp_path_factory.mktemp("hf") / "gemma3")
+
+
+def test_round_trip_gemma3(infer, gemma3_gguf, gemma3_hf, tmp_path):
+    """SentencePiece vocabulary, +1 norms, tied embedding, sliding window: the conversion of the
+    export equals llama.cpp's own F16 expansion of the original, tensors and tokenizer metadata."""
+    from gguf import GGUFReader
+
+    ref = tmp_path / "gemma3.ref.F16.gguf"
+    quantize(gemma3_gguf, ref, lookup("F16"), QuantOptions(allow_requantize=True))
+    out = tmp_path / "out"
+    r = infer("quantize", str(gemma3_hf), "--to", "F16", "-o", str(out), "--no-report")
+    assert r.returncode == 0, r.stderr
+    conv = out / "gemma3.F16.gguf"
+    assert _tensors(conv) == _tensors(ref)
+    fa, fb = GGUFReader(str(conv)).fields, GGUFReader(str(ref)).fields
+    for key in fb:
+        if key.startswith(("tokenizer.ggml.", "gemma3.")) and key != "tokenizer.ggml.add_sep_token":
+            assert fa[key].contents() == fb[key].contents(), key
+
+    from infer_cli.engine import EngineOptions, Model
+
+    a, b = Model(conv, EngineOptions(warmup=False)), Model(ref, EngineOptions(warmup=False))
+    for text in TEXTS + ["<start_of_turn>user\nhi<end_of_turn>", "  two  spaces\u2581and ▁ marks"]:
+        assert a.tokenize(text) == b.tokenize(text), text
+    a.close(), b.close()
+    args = ("Write a short poem about the sea.", "-n", "64", "--temp", "0", "--ignore-eos",
+            "--no-prompt-cache")
+    g1, g2 = infer("run", str(conv), *args), infer("run", str(ref), *args)
+    assert g1.returncode == 0 and g2.returncode == 0, g1.stderr + g2.stderr
+    assert g1.stdout == g2.stdout and len(g1.stdout) > 40
 
 
 def test_checkpoint_to_q8_and_quantized(infer, smollm2_hf, tmp_path):
