@@ -112,6 +112,7 @@ class Speculator:
     t_draft: float = 0.0       # seconds per drafted token after the first (EMA)
     t_overhead: float = 0.0    # seconds a round costs before its first draft (EMA)
     verify_slope: float = 0.0  # extra verification cost per drafted token, in plain steps (EMA)
+    verify_cost: dict = field(default_factory=dict)  # drafts n -> verification in plain steps
     rejections: int = 0        # rounds that ended on a rejected draft
     last_overhead: float | None = None  # set by propose(): time before the first draft
 
@@ -168,8 +169,23 @@ class Speculator:
         if n > 1:
             self.t_draft = self._ema(self.t_draft, drafting_s / (n - 1), first or self.t_draft == 0)
         if self.t_plain > 0:
-            slope = max(0.0, (verify_s / self.t_plain - 1.0) / n)
+            ratio = verify_s / self.t_plain
+            slope = max(0.0, (ratio - 1.0) / n)
             self.verify_slope = self._ema(self.verify_slope, slope, first)
+            old = self.verify_cost.get(n)
+            self.verify_cost[n] = ratio if old is None else 0.7 * old + 0.3 * ratio
+
+    def verify_steps(self, n: int) -> float:
+        """Verification of ``n`` drafts, in plain steps: interpolated between the lengths seen
+        (a batch costs less than linearly more on most hardware), else the average slope."""
+        seen = [(0, 1.0), *sorted(self.verify_cost.items())]  # no drafts: one plain step
+        lower = [(k, v) for k, v in seen if k <= n]
+        upper = [(k, v) for k, v in seen if k >= n]
+        if lower and upper:
+            (k0, v0), (k1, v1) = lower[-1], upper[0]
+            return v0 if k1 == k0 else v0 + (v1 - v0) * (n - k0) / (k1 - k0)
+        k0, v0 = lower[-1]
+        return v0 + self.verify_slope * (n - k0)
 
     def acceptance_rate(self) -> float:
         """Per-token acceptance under a geometric model: accepted / (accepted + rejections)."""
@@ -180,7 +196,7 @@ class Speculator:
         """Expected tokens per second drafting ``n``: (1 + a + ... + a^n) / (drafting + verify)."""
         a = self.acceptance_rate()
         tokens = sum(a ** i for i in range(n + 1))
-        seconds = self.t_overhead + (n - 1) * self.t_draft + self.t_plain * (1.0 + self.verify_slope * n)
+        seconds = self.t_overhead + (n - 1) * self.t_draft + self.t_plain * self.verify_steps(n)
         return tokens / seconds if seconds > 0 else 0.0
 
     def _choose(self) -> None:
@@ -190,6 +206,11 @@ class Speculator:
         if st.rounds < self.probe_rounds or self.t_plain <= 0:
             return
         plain_rate = 1.0 / self.t_plain
+        longest = max(self.verify_cost, default=0)
+        if self.expected_rate(best) < plain_rate and self.acceptance_rate() >= 0.8 \
+                and longest < self.draft_max:
+            self.n_draft = self.draft_max  # drafts are good: measure a long one before giving up
+            return
         if self.expected_rate(best) < plain_rate:
             spec = st.spec_s / st.spec_tokens
             st.switched_off = (f"speculation switched off: {spec * 1e3:.1f} ms a token against "
