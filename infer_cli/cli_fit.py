@@ -32,6 +32,7 @@ def fit_command(
     cache_type_v: Annotated[str, typer.Option("--cache-type-v", help="KV cache type for values.")] = "f16",
     flash_attn: Annotated[str, typer.Option("--flash-attn", help="auto, on or off.")] = "auto",
     swa_full: Annotated[bool, typer.Option("--swa-full", help="Full-size cache for sliding-window layers.")] = False,
+    no_mmap: Annotated[bool, typer.Option("--no-mmap", help="Plan for weights read into memory instead of mapped (with mmap, the CPU mapping spans from the first to the last CPU tensor in the file).")] = False,
     gpu_layers: Annotated[str, typer.Option("--gpu-layers", help="A number, or auto (the most that fit).")] = "auto",
     gpu: Annotated[Optional[str], typer.Option("--gpu", help="Plan for a hardware profile instead: 'RTX 4090', 'H100 80GB', 'M3 Max 64GB', 'CPU 16GB', ...", show_default=False)] = None,
     ram: Annotated[Optional[str], typer.Option("--ram", help="Plan for this much RAM (e.g. 16G).", show_default=False)] = None,
@@ -47,7 +48,7 @@ def fit_command(
     out = _output(json_mode)
     opts = fit.Options(n_ctx=ctx or 4096, n_batch=batch, n_ubatch=ubatch,
                        cache_type_k=cache_type_k.lower(), cache_type_v=cache_type_v.lower(),
-                       flash_attn=flash_attn.lower(), swa_full=swa_full,
+                       flash_attn=flash_attn.lower(), swa_full=swa_full, mmap=not no_mmap,
                        gpu_layers=_layers(gpu_layers))
     opts.check()
     what_if = gpu is not None or ram is not None or vram is not None

@@ -17,6 +17,11 @@ rules follow llama.cpp 0c1e570 (vendored by llama-cpp-python 0.3.36):
   peaks (measured against llama.cpp's dry run, see scripts/bench_fit.py): the logits of a ubatch,
   the attention scores without flash attention, the feed-forward activations.
 
+- with CUDA and n_ubatch >= 32, ggml-cuda runs the whole ubatch on the GPU whatever
+  n_gpu_layers is: the CUDA compute buffer also holds copies of CPU weights, and the CPU
+  (CUDA_Host) one only the token embedding rows and the masks (``_offloaded``);
+- with mmap, the CPU mapping spans from the first to the last CPU tensor in file order.
+
 ``check`` runs llama.cpp's own dry run in a subprocess for comparison.
 """
 
@@ -49,6 +54,13 @@ SWA_DEFAULT_PATTERN = {"gemma2": (2, False), "gemma3": (6, False), "gemma3n": (5
 # llama.cpp's buffers once the context exists, 608-619 MiB after the first decode (cuBLAS and
 # the pool grow), 718 MiB with flash attention off. Other cards and drivers differ a little.
 GPU_OVERHEAD = {"cuda": 640 * MIB, "metal": 256 * MIB, "": 0}
+# ggml-cuda's offload_op (GGML_OP_OFFLOAD_MIN_BATCH, default 32): an op whose weight lives in
+# host memory runs on the GPU when its batch has at least this many rows. llama.cpp reserves its
+# compute buffers for a ubatch of n_ubatch tokens, so with n_ubatch >= 32 every layer computes on
+# the GPU during prompt processing, even with n_gpu_layers 0 (the weights are copied in, one
+# matmul at a time: ggml-backend.cpp starts a new split for each weight from an incompatible
+# buffer, so only one such copy is alive at once).
+CUDA_OFFLOAD_MIN_BATCH = 32
 PROCESS_RAM = 64 * MIB  # interpreter + llama.cpp libraries (dry run: 61 MiB RSS)
 VRAM_MARGIN = 0.05      # keep 5% of the GPU's memory free
 RAM_MARGIN = 0.10       # and 10% of the available RAM
@@ -70,6 +82,7 @@ class Options:
     flash_attn: str = "auto"   # auto resolves to on: every backend here supports it
     swa_full: bool = False
     gpu_layers: int | None = None
+    mmap: bool = True          # weights mapped from the file (llama.cpp's default)
 
     def check(self) -> None:
         for name, value in (("--cache-type-k", self.cache_type_k), ("--cache-type-v", self.cache_type_v)):
@@ -111,6 +124,22 @@ class Model:
     tied_bytes: int               # that duplicate (counted in output_bytes; 0 when untied)
     file_bytes: int
     quant: str = ""
+    # (offset in the file, bytes, group) of every tensor: group = block index, -1 the token
+    # embedding, -2 the output layer (final norm, output matrix, ...). Empty for hand-made models.
+    tensors: tuple[tuple[int, int, int], ...] = ()
+
+    def largest_block_tensor(self, blocks: range) -> int:
+        """The largest single tensor of the given blocks (0 when unknown)."""
+        return max((b for _, b, g in self.tensors if g in blocks), default=0)
+
+    def mapped_span(self, groups) -> int | None:
+        """With mmap, llama.cpp's CPU_Mapped buffer covers the file from the first to the last
+        byte of the tensors it holds (llama-model-loader ``get_mapping_range``), GPU tensors
+        stored between them included. None when the tensor table is not known."""
+        sel = [(o, b) for o, b, g in self.tensors if g in groups]
+        if not sel:
+            return None
+        return max(o + b for o, b in sel) - min(o for o, _ in sel)
 
     @property
     def weights_bytes(self) -> int:
@@ -210,6 +239,8 @@ def facts(info) -> Model:
     layer_bytes = [0] * n_layer
     embd = output = 0
     has_output = False
+    spans = []
+    single_file = len(getattr(info, "paths", ()) or ()) <= 1
     for t in info.tensors:
         if t.name.startswith("blk."):
             try:
@@ -218,12 +249,15 @@ def facts(info) -> Model:
                 il = -1
             if 0 <= il < n_layer:
                 layer_bytes[il] += t.n_bytes
+                spans.append((t.offset, t.n_bytes, il))
                 continue
         if t.name.startswith("token_embd."):
             embd += t.n_bytes
+            spans.append((t.offset, t.n_bytes, -1))
         else:
             output += t.n_bytes
             has_output |= t.name == "output.weight"
+            spans.append((t.offset, t.n_bytes, -2))
     tied = not has_output
     tok = info.tensor("token_embd.weight")
     tied_bytes = tok.n_bytes if tied and tok is not None else 0
@@ -235,7 +269,7 @@ def facts(info) -> Model:
         n_vocab=info.vocab_size or 0, n_ctx_train=info.context_length or 4096, n_swa=n_swa,
         swa_layers=_swa_layers(info, arch, n_layer, n_swa), layer_bytes=tuple(layer_bytes),
         embd_bytes=embd, output_bytes=output, tied_output=tied, tied_bytes=tied_bytes, file_bytes=info.file_size,
-        quant=info.file_type_name or "")
+        quant=info.file_type_name or "", tensors=tuple(spans) if single_file else ())
 
 
 def _swa_layers(info, arch: str, n_layer: int, n_swa: int) -> tuple[bool, ...]:
@@ -294,17 +328,20 @@ def kv_layer_bytes(m: Model, o: Options, il: int, c: _Ctx | None = None) -> int:
 
 
 def compute_bytes(m: Model, o: Options, c: _Ctx | None = None, *, logits: bool = True,
-                  attention: bool = True) -> int:
+                  attention: bool = True, gpu: bool = False) -> int:
     """Peak of llama.cpp's compute buffer for one device.
 
-    ``logits``: the output layer runs here; ``attention``: some blocks run here."""
+    ``logits``: the output layer runs here; ``attention``: some blocks run here; ``gpu``: the
+    CUDA buffer, where the logits phase holds one activation less (H200 run, see
+    ``_offloaded``)."""
     c = c or _context(m, o)
     ub = c.n_ubatch
     phases = [ub * 4 * 2 * m.n_embd]
     if logits:
         # logits of the whole ubatch (f32) and the hidden state feeding them; without flash
         # attention the allocator keeps up to one more activation alive.
-        phases.append(ub * 4 * (m.n_vocab + (2 * m.n_embd if o.fa else 5 * m.n_embd // 2)))
+        hidden = m.n_embd if gpu and o.fa else 2 * m.n_embd if o.fa else 5 * m.n_embd // 2
+        phases.append(ub * 4 * (m.n_vocab + hidden))
     if attention:
         n_kv = c.n_ctx if not all(m.swa_layers) else c.n_swa
         act = ub * 4 * 6 * m.n_embd  # q, k, v, residual, norms of a ubatch
@@ -315,6 +352,44 @@ def compute_bytes(m: Model, o: Options, c: _Ctx | None = None, *, logits: bool =
             phases.append(n_kv * ub * 4 * m.n_head + masks + act)  # f32 scores of every head
         phases.append(ub * 4 * (3 * m.n_ff + 2 * m.n_embd))
     return max(phases)
+
+
+def _offloaded(m: Model, o: Options, c: _Ctx, first_gpu: int, out_on_gpu: bool) -> tuple[int, int]:
+    """(CUDA_Host, CUDA0) compute buffers when ggml-cuda runs the ubatch's ops on the GPU
+    whatever n_gpu_layers is (n_ubatch >= CUDA_OFFLOAD_MIN_BATCH).
+
+    GPU: every phase of the graph, plus, at each op whose weight stayed on the CPU, a copy of
+    that weight: the output matrix next to the logits when the output layer is on the CPU, the
+    largest block tensor next to the feed-forward activations when blocks are on the CPU, and
+    the K and V of one CPU layer next to the attention activations (with flash attention:
+    the K/V views of a CPU KV buffer are copied in as split inputs).
+    CPU (CUDA_Host): only what never leaves it: the token embedding rows (get_rows is never
+    offloaded) with the copy that feeds the GPU, and the attention masks (graph inputs).
+    Measured on an H200 (llama.cpp 0c1e570 built for CUDA, Llama-3-8B-shaped Q4_K file, n_ubatch
+    512, n_ctx 4096): n_gpu_layers 0 -> CUDA0 669.48 MiB = 258.50 (logits + hidden) + 410.98
+    (output.weight, Q6_K); CUDA_Host 20.01 MiB at n_ctx 4096, 48.01 at 32768 (the f16 mask grows
+    by 28 MiB), 26.52 for the Gemma-3-27B shape (full + sliding-window masks)."""
+    ub = c.n_ubatch
+    cpu_blocks = range(min(first_gpu, m.n_layer))
+    gpu = compute_bytes(m, o, c, logits=True, attention=True, gpu=True)
+    if not out_on_gpu:
+        hidden = m.n_embd if o.fa else 5 * m.n_embd // 2
+        out_matrix = m.tied_bytes or m.output_bytes
+        gpu = max(gpu, ub * 4 * (m.n_vocab + hidden) + out_matrix)
+    if len(cpu_blocks):
+        gpu = max(gpu, ub * 4 * (3 * m.n_ff + 2 * m.n_embd) + m.largest_block_tensor(cpu_blocks))
+        if o.fa:
+            n_kv = c.n_ctx if not all(m.swa_layers) else c.n_swa
+            # measured: n_gpu_layers 1, n_ctx 65536 -> CUDA0 compute 345.00 MiB = K + V of a
+            # CPU layer (256) + the f16 mask (64) + ~3 activations of the ubatch (24)
+            act = ub * 4 * 3 * m.n_embd + n_kv * _pad(ub, 64) * 2
+            gpu = max(gpu, act + max(kv_layer_bytes(m, o, il, c) for il in cpu_blocks))
+    masks = 0
+    mask_cells = ([c.n_ctx] if not all(m.swa_layers) else []) + ([c.n_swa] if any(m.swa_layers) else [])
+    for cells in mask_cells:
+        masks += cells * _pad(ub, 64) * 2 if o.fa else cells * ub * 4
+    cpu = 2 * ub * 4 * m.n_embd + masks
+    return cpu, gpu
 
 
 def output_bytes(m: Model) -> int:
@@ -342,8 +417,17 @@ def memory(m: Model, hw: Hardware, o: Options, gpu_layers: int) -> tuple[Memory,
     out_dev.weights += m.output_bytes
     if not out_on_gpu:
         cpu.weights -= m.tied_bytes  # the output is the token embedding itself
+    if o.mmap and gpu_layers:
+        # the mapping spans from the first to the last CPU tensor in file order
+        groups = {-1, *range(first_gpu)} | (set() if out_on_gpu else {-2})
+        span = m.mapped_span(groups)
+        if span is not None:
+            cpu.weights = max(cpu.weights, span)
     cpu.output = _pad(output_bytes(m), 32)
-    if gpu_layers:
+    if hw.vram > 0 and hw.backend == "cuda" and c.n_ubatch >= CUDA_OFFLOAD_MIN_BATCH:
+        cpu.compute, gpu.compute = _offloaded(m, o, c, first_gpu, out_on_gpu)
+        gpu.overhead = GPU_OVERHEAD["cuda"]  # the CUDA context exists even with 0 layers
+    elif gpu_layers:
         gpu.compute = compute_bytes(m, o, c, logits=True, attention=first_gpu < m.n_layer)
         # the CPU still embeds tokens and holds what moves between devices
         cpu.compute = compute_bytes(m, o, c, logits=False, attention=first_gpu > 0)

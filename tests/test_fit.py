@@ -120,7 +120,10 @@ def test_partial_offload_arithmetic(llama8b):
     gpu_blocks = range(m.n_layer - (n - 1), m.n_layer)
     assert p.gpu.weights == sum(m.layer_bytes[i] for i in gpu_blocks) + m.output_bytes
     assert p.gpu.kv == sum(fit.kv_layer_bytes(m, o, i) for i in gpu_blocks)
-    assert p.cpu.weights + p.gpu.weights == m.weights_bytes
+    # with mmap (the default) the CPU mapping may also span GPU tensors stored between CPU ones
+    assert p.cpu.weights + p.gpu.weights >= m.weights_bytes
+    cpu_nommap, gpu_nommap = fit.memory(m, hw, replace(o, mmap=False), n)
+    assert cpu_nommap.weights + gpu_nommap.weights == m.weights_bytes
     assert p.cpu.kv + p.gpu.kv == fit.plan(m, CPU, o).cpu.kv
     assert p.gpu.total <= hw.vram * (1 - fit.VRAM_MARGIN)
     more = fit.memory(m, hw, o, n + 1)[1]
@@ -224,3 +227,80 @@ def test_hub_repo_headers_only(hub, infer, smollm2_gguf, gemma3_gguf):
     assert gets and all(g.range for g in gets)
     fetched = sum(int(g.range.split("-")[1]) - int(g.range.split("=")[1].split("-")[0]) + 1 for g in gets)
     assert fetched < len(big) // 10
+
+
+# --- CUDA rules, against a real run ---------------------------------------------------------
+# Facts from real loads on an NVIDIA H200 (llama.cpp 0c1e570 built for CUDA, .gpu/run.sh,
+# .gpu/results/llama_logs.txt and .gpu/results-after/llama_logs.txt): the synthetic Llama-3-8B-shaped and Gemma-3-27B-shaped files,
+# n_ubatch 512, flash attention auto, mmap on. llama.cpp logs sizes in MiB with 2 decimals.
+H200 = fit.Hardware("NVIDIA H200", ram=135148564480, vram=150109880320, backend="cuda")
+MIB = 1 << 20
+
+
+@pytest.fixture(scope="module")
+def gemma27b(tmp_path_factory):
+    d = tmp_path_factory.mktemp("g27b")
+    return fit.facts(read_gguf(synthetic.write(synthetic.GEMMA3_27B, d / "g.gguf")))
+
+
+def _mib(x):
+    return pytest.approx(x * MIB, abs=0.02 * MIB)
+
+
+def test_cuda_zero_layers_still_computes_on_the_gpu(llama8b):
+    # n_gpu_layers 0: "CUDA0 compute buffer size = 669.48 MiB" = 258.50 (logits + hidden)
+    # + 410.98 (output.weight, Q6_K, copied in for the offloaded logits matmul);
+    # "CUDA_Host compute buffer size = 20.01 MiB"; CPU_Mapped 4932.80 MiB.
+    p = fit.plan(llama8b, H200, fit.Options(n_ctx=4096, gpu_layers=0))
+    assert p.verdict == "cpu" and p.gpu_layers == 0
+    assert p.gpu.weights == 0 and p.gpu.kv == 0
+    assert p.gpu.compute == _mib(669.48)
+    assert p.gpu.overhead == fit.GPU_OVERHEAD["cuda"]  # the CUDA context exists all the same
+    assert p.cpu.compute == _mib(20.01)
+    assert p.cpu.weights == _mib(4932.80)
+    # below ggml-cuda's offload batch (32 rows) nothing is offloaded: CPU only for real
+    small = fit.plan(llama8b, H200, fit.Options(n_ctx=4096, n_ubatch=16, gpu_layers=0))
+    assert small.gpu.total == 0
+    assert small.cpu.compute == fit.plan(llama8b, CPU, fit.Options(n_ctx=4096, n_ubatch=16)).cpu.compute
+
+
+def test_cuda_host_compute_is_embeddings_and_masks(llama8b, gemma27b):
+    # CUDA_Host compute: 20.01 MiB at n_ctx 4096 (n_gpu_layers 0, 12 and 33 alike), 48.01 at
+    # 32768 (the f16 mask: +28 MiB), 26.52 for Gemma (full and sliding-window masks).
+    for ngl in (0, 12, 33):
+        assert fit.plan(llama8b, H200, fit.Options(n_ctx=4096, gpu_layers=ngl)).cpu.compute == _mib(20.01)
+    assert fit.plan(llama8b, H200, fit.Options(n_ctx=32768, gpu_layers=12)).cpu.compute == _mib(48.01)
+    assert fit.plan(gemma27b, H200, fit.Options(n_ctx=4096, gpu_layers=20)).cpu.compute == _mib(26.52)
+    # without flash attention: 28.01 MiB (we have 24: an f32 mask; 4 MiB not yet explained)
+    off = fit.plan(llama8b, H200, fit.Options(n_ctx=4096, gpu_layers=12, flash_attn="off"))
+    assert off.cpu.compute == pytest.approx(28.01 * MIB, rel=0.15)
+
+
+def test_cuda_gpu_compute(llama8b, gemma27b):
+    # CUDA0 compute: 258.50 MiB = 512 x 4 x (n_vocab + n_embd) with every layer on the GPU and
+    # at n_ctx 32768 with 12 layers; 266.51 with 12 layers at 4096; 522.62 for Gemma with 20;
+    # 305.00 without flash attention (12 layers).
+    assert fit.plan(llama8b, H200, fit.Options(n_ctx=4096, gpu_layers=33)).gpu.compute == _mib(258.50)
+    assert fit.plan(llama8b, H200, fit.Options(n_ctx=32768, gpu_layers=12)).gpu.compute == _mib(258.50)
+    assert fit.plan(llama8b, H200, fit.Options(n_ctx=4096, gpu_layers=12)).gpu.compute == \
+        pytest.approx(266.51 * MIB, rel=0.035)
+    assert fit.plan(gemma27b, H200, fit.Options(n_ctx=4096, gpu_layers=20)).gpu.compute == \
+        pytest.approx(522.62 * MIB, rel=0.005)
+    assert fit.plan(llama8b, H200, fit.Options(n_ctx=4096, gpu_layers=12, flash_attn="off")).gpu.compute == \
+        pytest.approx(305.00 * MIB, rel=0.03)
+    # a long context with the blocks on the CPU: their K and V are copied in for the attention
+    # (second H200 run, .gpu/results-after: n_gpu_layers 1, n_ctx 65536 -> 345.00 MiB)
+    assert fit.plan(llama8b, H200, fit.Options(n_ctx=65536, gpu_layers=1)).gpu.compute == \
+        pytest.approx(345.00 * MIB, rel=0.01)
+
+
+def test_mmap_span_covers_gpu_tensors_in_between(llama8b, gemma27b):
+    # CPU_Mapped model buffer: 3475.30 MiB with 12 layers (output.weight, on the GPU, is stored
+    # between token_embd and blk.0), 281.81 with 33, 11622.23 for Gemma with 20.
+    o = fit.Options(n_ctx=4096)
+    assert fit.plan(llama8b, H200, replace(o, gpu_layers=12)).cpu.weights == _mib(3475.30)
+    assert fit.plan(llama8b, H200, replace(o, gpu_layers=33)).cpu.weights == _mib(281.81)
+    assert fit.plan(gemma27b, H200, replace(o, gpu_layers=20)).cpu.weights == _mib(11622.23)
+    # without mmap the CPU buffer holds only the CPU tensors
+    nomap = fit.plan(llama8b, H200, replace(o, gpu_layers=12, mmap=False)).cpu.weights
+    assert nomap == sum(llama8b.layer_bytes[:21]) + llama8b.embd_bytes
