@@ -171,7 +171,7 @@ def _gpu_layers(value: str, resolved, opts, draft) -> int:
 
     options = fit.Options(n_ctx=opts.n_ctx, n_batch=opts.n_batch, n_ubatch=opts.n_ubatch,
                           cache_type_k=opts.cache_type_k, cache_type_v=opts.cache_type_v,
-                          flash_attn=opts.flash_attn, swa_full=opts.swa_full)
+                          flash_attn=opts.flash_attn, swa_full=opts.swa_full, mmap=opts.mmap)
     plan = fit.plan(read_gguf(resolved.path), hardware.detect().hardware(), options,
                     draft=read_gguf(draft.path) if draft else None)
     return plan.gpu_layers
