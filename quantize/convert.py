@@ -2,8 +2,8 @@
 
 Tensors are read one at a time from memory-mapped safetensors and written straight to the
 output, so memory stays near the size of the largest tensor. Supported so far: the Llama
-family (Llama 2/3/3.1+ with llama3 rope scaling, Mistral, SmolLM), Qwen2 / Qwen2.5 with byte-level
-BPE tokenizers, and Gemma 3 (text) with its SentencePiece tokenizer.model.
+family (Llama 2/3/3.1+ with llama3 rope scaling, Mistral, SmolLM), Qwen2 / Qwen2.5 / Qwen3 with
+byte-level BPE tokenizers, and Gemma 2 / Gemma 3 (text) with their SentencePiece tokenizer.model.
 """
 
 from __future__ import annotations
@@ -32,8 +32,12 @@ FAMILIES = {
     "LlamaForCausalLM": Family("llama", True),
     "MistralForCausalLM": Family("llama", True),
     "Qwen2ForCausalLM": Family("qwen2", False),
+    "Qwen3ForCausalLM": Family("qwen3", False),   # Qwen2 plus per-head q_norm / k_norm, no qkv bias
+    "Gemma2ForCausalLM": Family("gemma2", False, 1.0),
     "Gemma3ForCausalLM": Family("gemma3", False, 1.0),
 }
+
+GEMMA = ("gemma2", "gemma3")
 
 
 def supported() -> list[str]:
@@ -96,8 +100,8 @@ def _plan_tensors(refs: dict[str, TensorRef], fam: Family, config: dict) -> list
     for hf, ref in refs.items():
         if hf.endswith("rotary_emb.inv_freq"):
             continue
-        if hf == "lm_head.weight" and config.get("tie_word_embeddings"):
-            continue
+        if hf == "lm_head.weight" and (config.get("tie_word_embeddings") or fam.arch in GEMMA):
+            continue  # llama.cpp's Gemma graphs always use the embedding as the output
         name = names.get_name(hf, try_suffixes=(".weight", ".bias"))
         if name is None:
             raise BadCheckpoint(hf, f"tensor {hf} has no GGUF name for {fam.arch}")
@@ -155,7 +159,7 @@ class Extra:
 def _transform(name: str, hf: str, data, fam: Family, config: dict):
     if fam.norm_shift and hf.endswith("norm.weight"):
         return data + fam.norm_shift
-    if fam.arch == "gemma3" and hf.endswith("embed_tokens.weight"):
+    if fam.arch in GEMMA and hf.endswith("embed_tokens.weight"):
         return data[:config["_n_vocab"]]   # rows past the tokenizer's vocabulary are dropped
     if fam.permute_qk and hf.endswith("q_proj.weight"):
         return _permute(data, int(config["num_attention_heads"]))
@@ -203,8 +207,8 @@ def convert_checkpoint(folder: Path, dst: Path, out_type: str = "F16", *,
         plan.append(("rope_freqs.weight", Extra("rope_freqs", llama3_rope_factors(config))))
     from .tokenizer_meta import read_tokenizer
 
-    tok = read_tokenizer(folder, int(config.get("vocab_size") or 0), sentencepiece=fam.arch == "gemma3")
-    if fam.arch == "gemma3":
+    tok = read_tokenizer(folder, int(config.get("vocab_size") or 0), sentencepiece=fam.arch in GEMMA)
+    if fam.arch in GEMMA:
         config = dict(config, _n_vocab=len(tok.tokens))
         plan = [(n, _Truncated(r, len(tok.tokens)) if n == "token_embd.weight" else r) for n, r in plan]
     dst.parent.mkdir(parents=True, exist_ok=True)
@@ -277,9 +281,10 @@ def _count(shape) -> int:
 def _metadata(w, fam: Family, c: dict, folder: Path, out_type: str) -> None:
     n_head = int(c["num_attention_heads"])
     head_dim = int(c.get("head_dim") or c["hidden_size"] // n_head)
-    gemma = fam.arch == "gemma3"
+    gemma = fam.arch in GEMMA
     w.add_name(folder.name)
-    w.add_context_length(int(c.get("max_position_embeddings", 131072 if gemma else 4096)))
+    default_ctx = {"gemma3": 131072, "gemma2": 8192}.get(fam.arch, 4096)
+    w.add_context_length(int(c.get("max_position_embeddings", default_ctx)))
     w.add_embedding_length(int(c["hidden_size"]))
     w.add_block_count(int(c["num_hidden_layers"]))
     w.add_feed_forward_length(int(c["intermediate_size"]))
@@ -288,16 +293,25 @@ def _metadata(w, fam: Family, c: dict, folder: Path, out_type: str) -> None:
     if gemma:
         w.add_key_length(head_dim)
         w.add_value_length(head_dim)
-        if c.get("final_logit_softcapping"):
-            w.add_final_logit_softcapping(float(c["final_logit_softcapping"]))
-        if c.get("sliding_window_pattern") != 1 and c.get("sliding_window"):
-            w.add_sliding_window(int(c["sliding_window"]))
+        if fam.arch == "gemma2":
+            # llama.cpp: sliding window on every other layer (0, 2, ...), soft-capped attention
+            w.add_attn_logit_softcapping(float(c.get("attn_logit_softcapping") or 50.0))
+            w.add_final_logit_softcapping(float(c.get("final_logit_softcapping") or 30.0))
+            w.add_sliding_window(int(c.get("sliding_window") or 4096))
+        else:
+            if c.get("final_logit_softcapping"):
+                w.add_final_logit_softcapping(float(c["final_logit_softcapping"]))
+            if c.get("sliding_window_pattern") != 1 and c.get("sliding_window"):
+                w.add_sliding_window(int(c["sliding_window"]))
     else:
         w.add_rope_dimension_count(head_dim)
+        if c.get("head_dim"):  # Qwen3 and others whose head size is not hidden / heads
+            w.add_key_length(head_dim)
+            w.add_value_length(head_dim)
     w.add_layer_norm_rms_eps(float(c.get("rms_norm_eps", 1e-6 if gemma else 1e-5)))
     rp = rope_params(c)
     w.add_rope_freq_base(float(c.get("rope_theta") or rp.get("rope_theta")
-                               or (1_000_000.0 if gemma else 10000.0)))
+                               or (1_000_000.0 if fam.arch == "gemma3" else 10000.0)))
     import gguf
 
     kind, factor = str(rp.get("rope_type", "")).lower(), rp.get("factor")

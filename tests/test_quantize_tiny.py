@@ -47,7 +47,7 @@ def _tokenizer(split: str, specials: list[str], nfc: bool):
 def _checkpoint(folder: Path, kind: str) -> tuple[Path, dict]:
     from quantize.safetensors_io import write
 
-    rng = np.random.default_rng(7 if kind == "llama3" else 11)
+    rng = np.random.default_rng({"llama3": 7, "qwen2": 11}.get(kind, 13))
     if kind == "llama3":
         tok = _tokenizer(LLAMA3_SPLIT, ["<|begin_of_text|>", "<|end_of_text|>"], False)
         cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "rope_theta": 10000.0,
@@ -57,11 +57,15 @@ def _checkpoint(folder: Path, kind: str) -> tuple[Path, dict]:
         tcfg = {"bos_token": "<|begin_of_text|>", "eos_token": "<|end_of_text|>", "add_bos_token": True}
     else:
         tok = _tokenizer(QWEN2_SPLIT, ["<|endoftext|>", "<|im_start|>", "<|im_end|>"], True)
-        cfg = {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "rope_theta": 1000000.0,
+        arch = "Qwen3ForCausalLM" if kind == "qwen3" else "Qwen2ForCausalLM"
+        cfg = {"architectures": [arch], "model_type": kind, "rope_theta": 1000000.0,
                "tie_word_embeddings": True}
         tcfg = {"eos_token": "<|im_end|>", "pad_token": "<|endoftext|>", "add_bos_token": False,
                 "chat_template": "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"}
     n_vocab, d, n_head, n_kv, hd, ff, n_layer = tok.get_vocab_size(), 64, 4, 2, 16, 96, 2
+    if kind == "qwen3":  # a head size other than hidden / heads, as Qwen3's configs have
+        hd = 24
+        cfg["head_dim"] = hd
     cfg.update({"hidden_size": d, "num_attention_heads": n_head, "num_key_value_heads": n_kv,
                 "intermediate_size": ff, "num_hidden_layers": n_layer, "vocab_size": n_vocab,
                 "max_position_embeddings": 256, "rms_norm_eps": 1e-5})
@@ -82,6 +86,8 @@ def _checkpoint(folder: Path, kind: str) -> tuple[Path, dict]:
         if kind == "qwen2":
             t |= {p + "self_attn.q_proj.bias": w(n_head * hd, s=0.3), p + "self_attn.k_proj.bias": w(n_kv * hd, s=0.3),
                   p + "self_attn.v_proj.bias": w(n_kv * hd, s=0.3)}
+        if kind == "qwen3":
+            t |= {p + "self_attn.q_norm.weight": 1 + w(hd, s=0.2), p + "self_attn.k_norm.weight": 1 + w(hd, s=0.2)}
     folder.mkdir(parents=True)
     write(folder / "model.safetensors", {k: v.astype(np.float16) if v.ndim == 2 else v for k, v in t.items()})
     (folder / "config.json").write_text(json.dumps(cfg))
@@ -93,7 +99,7 @@ def _checkpoint(folder: Path, kind: str) -> tuple[Path, dict]:
 def _rope_inv_freq(cfg):
     from quantize.convert import llama3_rope_factors
 
-    hd = cfg["hidden_size"] // cfg["num_attention_heads"]
+    hd = cfg.get("head_dim") or cfg["hidden_size"] // cfg["num_attention_heads"]
     inv = 1.0 / cfg["rope_theta"] ** (np.arange(0, hd, 2) / hd)
     if (cfg.get("rope_scaling") or {}).get("rope_type") == "llama3":
         inv = inv / llama3_rope_factors(cfg)
@@ -101,9 +107,9 @@ def _rope_inv_freq(cfg):
 
 
 def _reference_logits(t: dict, cfg: dict, ids: list[int]) -> np.ndarray:
-    """Hugging Face's Llama / Qwen2 forward pass in float64 numpy."""
+    """Hugging Face's Llama / Qwen2 / Qwen3 forward pass in float64 numpy."""
     d, nh, nkv = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"]
-    hd, eps, n = d // nh, cfg["rms_norm_eps"], len(ids)
+    hd, eps, n = cfg.get("head_dim") or d // nh, cfg["rms_norm_eps"], len(ids)
     g = {k: v.astype(np.float64) for k, v in t.items()}
     norm = lambda x, w: x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * w  # noqa: E731
     ang = np.arange(n)[:, None] * _rope_inv_freq(cfg)[None, :]
@@ -120,12 +126,15 @@ def _reference_logits(t: dict, cfg: dict, ids: list[int]) -> np.ndarray:
         h = norm(x, g[p + "input_layernorm.weight"])
         proj = lambda name, heads: ((h @ g[p + name + ".weight"].T + g.get(p + name + ".bias", 0))  # noqa: E731
                                     .reshape(n, heads, hd).transpose(1, 0, 2))
-        q, k, v = rope(proj("self_attn.q_proj", nh)), rope(proj("self_attn.k_proj", nkv)), proj("self_attn.v_proj", nkv)
+        q, k, v = proj("self_attn.q_proj", nh), proj("self_attn.k_proj", nkv), proj("self_attn.v_proj", nkv)
+        if p + "self_attn.q_norm.weight" in g:  # Qwen3: RMSNorm over each head, before rotary
+            q, k = norm(q, g[p + "self_attn.q_norm.weight"]), norm(k, g[p + "self_attn.k_norm.weight"])
+        q, k = rope(q), rope(k)
         k, v = np.repeat(k, nh // nkv, 0), np.repeat(v, nh // nkv, 0)
         s = q @ k.transpose(0, 2, 1) / np.sqrt(hd) + mask
         s = np.exp(s - s.max(-1, keepdims=True))
         a = (s / s.sum(-1, keepdims=True)) @ v
-        x = x + a.transpose(1, 0, 2).reshape(n, d) @ g[p + "self_attn.o_proj.weight"].T
+        x = x + a.transpose(1, 0, 2).reshape(n, nh * hd) @ g[p + "self_attn.o_proj.weight"].T
         h = norm(x, g[p + "post_attention_layernorm.weight"])
         gate = h @ g[p + "mlp.gate_proj.weight"].T
         x = x + ((gate / (1 + np.exp(-gate))) * (h @ g[p + "mlp.up_proj.weight"].T)) @ g[p + "mlp.down_proj.weight"].T
@@ -133,7 +142,7 @@ def _reference_logits(t: dict, cfg: dict, ids: list[int]) -> np.ndarray:
     return norm(x, g["model.norm.weight"]) @ head.T
 
 
-@pytest.mark.parametrize("kind, pre", [("llama3", "llama-bpe"), ("qwen2", "qwen2")])
+@pytest.mark.parametrize("kind, pre", [("llama3", "llama-bpe"), ("qwen2", "qwen2"), ("qwen3", "qwen2")])
 def test_tiny_checkpoint_converts_tokenizes_and_matches_reference(kind, pre, tmp_path):
     from gguf import GGUFReader
     from tokenizers import Tokenizer
@@ -149,6 +158,9 @@ def test_tiny_checkpoint_converts_tokenizes_and_matches_reference(kind, pre, tmp
     assert r.fields["tokenizer.ggml.pre"].contents() == pre
     names = {t.name for t in r.tensors}
     assert ("rope_freqs.weight" in names) == (kind == "llama3")
+    assert ("blk.0.attn_q_norm.weight" in names) == (kind == "qwen3")
+    assert ("blk.0.attn_q.bias" in names) == (kind == "qwen2")
+    assert r.fields["general.architecture"].contents() == {"llama3": "llama"}.get(kind, kind)
     assert ("output.weight" in names) == (kind == "llama3")
 
     hf = Tokenizer.from_file(str(folder / "tokenizer.json"))
@@ -157,10 +169,11 @@ def test_tiny_checkpoint_converts_tokenizes_and_matches_reference(kind, pre, tmp
     try:
         for text in TEXTS + CORPUS[:5]:
             assert m.tokenize(text, add_special=False) == hf.encode(text, add_special_tokens=False).ids, text
-        specials = m.tokenize("<|im_start|>x<|im_end|>" if kind == "qwen2" else "<|end_of_text|>x")
+        qwen = kind.startswith("qwen")
+        specials = m.tokenize("<|im_start|>x<|im_end|>" if qwen else "<|end_of_text|>x")
         bos = hf.token_to_id("<|begin_of_text|>")
         assert specials[:1] == ([bos] if kind == "llama3" else specials[:1])
-        assert (kind == "qwen2") == (specials[0] == hf.token_to_id("<|im_start|>"))
+        assert qwen == (specials[0] == hf.token_to_id("<|im_start|>"))
 
         ids = hf.encode(TEXTS[0] + " " + TEXTS[1], add_special_tokens=False).ids[:24]
         ref = _reference_logits(weights, cfg, ids)
