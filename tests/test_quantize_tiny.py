@@ -196,3 +196,134 @@ def test_tiny_checkpoint_converts_tokenizes_and_matches_reference(kind, pre, tmp
             s.close()
     finally:
         m.close()
+
+
+# --- Gemma 2 ------------------------------------------------------------------------------------
+
+_WORDS = ["\u2581the", "\u2581quick", "\u2581brown", "\u2581fox", "\u2581jumps", "\u2581over", "\u2581lazy", "\u2581dog"]
+# every prefix of every word (longer ones scoring higher), so that SentencePiece's pair merges
+# reach the whole words, then two control tokens of Gemma's chat format
+GEMMA_PIECES = (sorted({c for w in _WORDS for c in w})
+                + sorted({w[:k] for w in _WORDS for k in range(2, len(w) + 1)}, key=lambda x: (len(x), x))
+                + ["<start_of_turn>", "<end_of_turn>"])
+
+
+def _gemma2_checkpoint(folder: Path) -> tuple[Path, dict, dict]:
+    """Gemma 2 in miniature: a SentencePiece vocabulary (controls, <unk>, byte fallback, words),
+    two layers (the first with a 6-token sliding window), strong soft-capping so that it shows."""
+    from quantize.safetensors_io import write
+    from tests.quantize_export import sentencepiece_model
+
+    tokens = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)] + GEMMA_PIECES
+    types = [3, 3, 3, 2] + [6] * 256 + [1] * (len(GEMMA_PIECES) - 2) + [3, 3]
+    scores = [0.0] * 260 + [float(len(t)) for t in GEMMA_PIECES[:-2]] + [0.0, 0.0]
+    rng = np.random.default_rng(17)
+    n_vocab, d, nh, nkv, hd, ff = len(tokens), 64, 4, 2, 16, 96
+    cfg = {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "hidden_size": d,
+           "intermediate_size": ff, "num_hidden_layers": 2, "num_attention_heads": nh,
+           "num_key_value_heads": nkv, "head_dim": hd, "max_position_embeddings": 256,
+           "rms_norm_eps": 1e-6, "rope_theta": 10000.0, "vocab_size": n_vocab,
+           "sliding_window": 6, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0,
+           "query_pre_attn_scalar": hd, "hidden_activation": "gelu_pytorch_tanh",
+           "tie_word_embeddings": True}
+
+    def w(*shape, s=0.15):
+        return (rng.standard_normal(shape) * s).astype(np.float16).astype(np.float32)
+
+    t = {"model.embed_tokens.weight": w(n_vocab, d, s=0.5), "model.norm.weight": w(d, s=0.1)}
+    for i in range(2):
+        p = f"model.layers.{i}."
+        t |= {p + "input_layernorm.weight": w(d, s=0.1), p + "post_attention_layernorm.weight": w(d, s=0.1),
+              p + "pre_feedforward_layernorm.weight": w(d, s=0.1),
+              p + "post_feedforward_layernorm.weight": w(d, s=0.1),
+              p + "self_attn.q_proj.weight": w(nh * hd, d, s=0.5), p + "self_attn.k_proj.weight": w(nkv * hd, d, s=0.5),
+              p + "self_attn.v_proj.weight": w(nkv * hd, d), p + "self_attn.o_proj.weight": w(d, nh * hd),
+              p + "mlp.gate_proj.weight": w(ff, d), p + "mlp.up_proj.weight": w(ff, d),
+              p + "mlp.down_proj.weight": w(d, ff)}
+    folder.mkdir(parents=True)
+    write(folder / "model.safetensors", {k: v.astype(np.float16) if v.ndim == 2 else v for k, v in t.items()})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "tokenizer.model").write_bytes(sentencepiece_model(tokens, scores, types))
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>",
+        "add_bos_token": True, "add_eos_token": False}))
+    return folder, t, cfg
+
+
+def _gemma2_reference_logits(t: dict, cfg: dict, ids: list[int]) -> np.ndarray:
+    """Hugging Face's Gemma 2 forward pass in float64 numpy."""
+    d, nh, nkv, hd = cfg["hidden_size"], cfg["num_attention_heads"], cfg["num_key_value_heads"], cfg["head_dim"]
+    eps, n, win = cfg["rms_norm_eps"], len(ids), cfg["sliding_window"]
+    g = {k: v.astype(np.float64) for k, v in t.items()}
+    norm = lambda x, w: x / np.sqrt((x * x).mean(-1, keepdims=True) + eps) * (1 + w)  # noqa: E731
+    cap = lambda x, c: np.tanh(x / c) * c  # noqa: E731
+    gelu = lambda x: 0.5 * x * (1 + np.tanh(np.sqrt(2 / np.pi) * (x + 0.044715 * x ** 3)))  # noqa: E731
+    inv = 1.0 / cfg["rope_theta"] ** (np.arange(0, hd, 2) / hd)
+    ang = np.arange(n)[:, None] * inv[None, :]
+    cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
+    rope = lambda x: x * cos + np.concatenate([-x[..., hd // 2:], x[..., :hd // 2]], -1) * sin  # noqa: E731
+    i_, j_ = np.arange(n)[:, None], np.arange(n)[None, :]
+    x = g["model.embed_tokens.weight"][ids] * np.sqrt(d)
+    for layer in range(cfg["num_hidden_layers"]):
+        p = f"model.layers.{layer}."
+        allowed = (j_ <= i_) & ((i_ - j_ < win) if layer % 2 == 0 else True)
+        h = norm(x, g[p + "input_layernorm.weight"])
+        proj = lambda name, heads: (h @ g[p + name + ".weight"].T).reshape(n, heads, hd).transpose(1, 0, 2)  # noqa: E731
+        q, k, v = rope(proj("self_attn.q_proj", nh)), rope(proj("self_attn.k_proj", nkv)), proj("self_attn.v_proj", nkv)
+        k, v = np.repeat(k, nh // nkv, 0), np.repeat(v, nh // nkv, 0)
+        s = cap(q @ k.transpose(0, 2, 1) * cfg["query_pre_attn_scalar"] ** -0.5, cfg["attn_logit_softcapping"])
+        s = np.where(allowed, s, -np.inf)
+        s = np.exp(s - s.max(-1, keepdims=True))
+        a = ((s / s.sum(-1, keepdims=True)) @ v).transpose(1, 0, 2).reshape(n, nh * hd)
+        x = x + norm(a @ g[p + "self_attn.o_proj.weight"].T, g[p + "post_attention_layernorm.weight"])
+        h = norm(x, g[p + "pre_feedforward_layernorm.weight"])
+        f = (gelu(h @ g[p + "mlp.gate_proj.weight"].T) * (h @ g[p + "mlp.up_proj.weight"].T)) @ g[p + "mlp.down_proj.weight"].T
+        x = x + norm(f, g[p + "post_feedforward_layernorm.weight"])
+    logits = norm(x, g["model.norm.weight"]) @ g["model.embed_tokens.weight"].T
+    return cap(logits, cfg["final_logit_softcapping"])
+
+
+def test_tiny_gemma2_converts_tokenizes_and_matches_reference(tmp_path):
+    from gguf import GGUFReader
+
+    from infer_cli.engine import EngineOptions, Model, Session
+    from quantize.convert import convert_checkpoint
+
+    folder, weights, cfg = _gemma2_checkpoint(tmp_path / "gemma2")
+    out = convert_checkpoint(folder, tmp_path / "gemma2.F16.gguf", "F16").path
+    r = GGUFReader(str(out))
+    f = {k: v.contents() for k, v in r.fields.items() if k.startswith(("gemma2.", "tokenizer.ggml.model"))}
+    assert f["tokenizer.ggml.model"] == "llama"
+    assert f["gemma2.attention.sliding_window"] == 6 and f["gemma2.attention.key_length"] == 16
+    assert f["gemma2.attn_logit_softcapping"] == 2.0 and f["gemma2.final_logit_softcapping"] == 3.0
+    names = {t.name for t in r.tensors}
+    assert {"blk.1.post_attention_norm.weight", "blk.1.post_ffw_norm.weight", "blk.1.ffn_norm.weight"} <= names
+    assert "output.weight" not in names
+    del r
+
+    opts = EngineOptions(warmup=False, n_ctx=256, threads=2)
+    m = Model(out, opts)
+    try:
+        vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>"])}
+        word = lambda w: 260 + GEMMA_PIECES.index(w)  # noqa: E731
+        # no space prefix for Gemma: the first word is spelled out, the others whole
+        assert m.tokenize("the quick fox") == [vocab["<bos>"], word("t"), word("h"), word("e"),
+                                               word("\u2581quick"), word("\u2581fox")]
+        assert m.tokenize("<start_of_turn>ü", add_special=False) == [word("<start_of_turn>"), 4 + 0xC3, 4 + 0xBC]
+
+        ids = [2] + [int(i) for i in np.random.default_rng(3).integers(4, m.n_vocab, 23)]
+        ref = _gemma2_reference_logits(weights, cfg, ids)
+        s = Session(m, opts)
+        try:
+            s.decode_all(ids)
+            got = np.stack([np.ctypeslib.as_array(s.L.llama_get_logits_ith(s.ptr, i), shape=(m.n_vocab,))
+                            for i in range(len(ids))]).astype(np.float64)
+        finally:
+            s.close()
+        assert np.abs(got - ref).max() < 0.02 * np.abs(ref).max(), (np.abs(got - ref).max(), np.abs(ref).max())
+        assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+        # the sliding window matters here: without it the reference differs from llama.cpp's logits
+        no_window = _gemma2_reference_logits(weights, dict(cfg, sliding_window=10 ** 6), ids)
+        assert np.abs(no_window - got).max() > 5 * np.abs(got - ref).max()
+    finally:
+        m.close()
