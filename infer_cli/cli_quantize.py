@@ -23,8 +23,9 @@ def register(app) -> None:
 
 def quantize_cmd(
     source: Annotated[Optional[str], typer.Argument(
-        help="A GGUF file, or a Hugging Face checkpoint folder (config.json, *.safetensors, "
-             "tokenizer files).", show_default=False)] = None,
+        help="A GGUF file, a Hugging Face checkpoint folder (config.json, *.safetensors, "
+             "tokenizer files), or a hub repo id (org/name: its checkpoint files are fetched "
+             "into the Hugging Face cache).", show_default=False)] = None,
     to: Annotated[Optional[str], typer.Option("--to", help=_TO_HELP, show_default=False)] = None,
     output_dir: Annotated[Optional[Path], typer.Option(
         "--output-dir", "-o", help="Folder for the outputs (default: beside the source).",
@@ -73,7 +74,7 @@ def quantize_cmd(
                         token_embedding_type=token_embedding_type, pure=pure,
                         tensor_types=api.parse_tensor_types(tensor_type or []),
                         threads=threads or 0)
-    plan = api.make_plan(source, targets, output_dir)
+    plan = api.make_plan(source, targets, output_dir, opts)
     text = None
     if not no_report:
         from quantize.report import eval_text as read_text

@@ -11,6 +11,7 @@ from typing import Callable
 
 from infer_cli.errors import BadOption, UnknownQuantType
 
+from . import hub_source
 from .llama_quant import QuantOptions, QuantResult, TensorProgress, quantize, temp_path
 from .types import CONVERT_TYPES, QuantType, lookup, names
 
@@ -63,25 +64,43 @@ class Plan:
     targets: list[QuantType]
     outdir: Path
     outputs: list[Path] = field(default_factory=list)
+    name: str | None = None       # output base name when the source folder's is meaningless
+    repo_id: str | None = None    # the hub repo the checkpoint came from
 
 
-def make_plan(source: str, targets: list[QuantType], outdir: Path | None) -> Plan:
+def make_plan(source: str, targets: list[QuantType], outdir: Path | None,
+              opts: QuantOptions | None = None) -> Plan:
+    """What to make from ``source``: a GGUF, a checkpoint folder, or a hub repo id (whose
+    checkpoint files are fetched into the Hugging Face cache here)."""
     path = Path(source).expanduser()
     if path.is_dir():
         kind = "checkpoint"
     elif path.is_file():
         kind = "gguf"
-    elif re.fullmatch(r"[\w.-]+/[\w.-]+", source) and not path.exists():
-        raise BadOption("SOURCE", source, "a GGUF file or a local checkpoint folder (hub repo ids "
-                        "are not supported yet: `hf download REPO --local-dir DIR` first)")
+    elif hub_source.looks_like_repo_id(source):
+        kind = "hub"
     else:
-        raise BadOption("SOURCE", source, "an existing GGUF file or checkpoint folder")
-    out = Path(outdir).expanduser() if outdir else (path if kind == "checkpoint" else path.parent)
-    plan = Plan(path, kind, targets, out)
-    plan.outputs = [output_path(path, out, t) for t in targets]
+        raise BadOption("SOURCE", source, "an existing GGUF file, checkpoint folder or hub repo id")
+    if kind == "hub":
+        # outputs go to the working folder by default (never into the hub cache), named after the repo
+        out = Path(outdir).expanduser() if outdir else Path.cwd()
+        name = source.split("/")[1]
+    else:
+        out = Path(outdir).expanduser() if outdir else (path if kind == "checkpoint" else path.parent)
+        name = None
+    plan = Plan(path, "checkpoint" if kind == "hub" else kind, targets, out, name=name)
+    plan.outputs = [output_path(Path(name or path), out, t) for t in targets]
     for p in plan.outputs:
         if p.exists():
             raise BadOption("--to", p.name, f"a target that does not exist yet ({p} does; remove it)")
+    if kind == "hub":
+        if opts is not None:
+            from .llama_quant import check_request
+
+            for qt in targets:  # refuse a missing imatrix before downloading anything
+                check_request(False, qt, opts)
+        plan.repo_id = source
+        plan.source = hub_source.fetch_checkpoint(source)
     return plan
 
 
@@ -102,10 +121,10 @@ def run(plan: Plan, opts: QuantOptions, *, progress: Progress | None = None,
 
         base_type = next((t for t in plan.targets if t.name in CONVERT_TYPES and t.name != "Q8_0"),
                          lookup("F16"))
-        dst = output_path(plan.source, plan.outdir, base_type)
+        dst = output_path(Path(plan.name or plan.source), plan.outdir, base_type)
         is_target = base_type in plan.targets
         tmp_base = dst if is_target else temp_path(dst).with_suffix(".base.gguf")
-        res = convert_checkpoint(plan.source, tmp_base, base_type.name,
+        res = convert_checkpoint(plan.source, tmp_base, base_type.name, name=plan.name,
                                  progress=_bind(progress, f"convert {base_type.name}"))
         if is_target:
             results.append(res)

@@ -193,7 +193,7 @@ def _encode(data, out_type: str, name: str):
 FILE_TYPES = {"F32": 0, "F16": 1, "Q8_0": 7, "BF16": 32}
 
 
-def convert_checkpoint(folder: Path, dst: Path, out_type: str = "F16", *,
+def convert_checkpoint(folder: Path, dst: Path, out_type: str = "F16", *, name: str | None = None,
                        progress: Callable[[int, int], None] | None = None) -> QuantResult:
     """Write ``folder`` as a GGUF of ``out_type`` (F32, F16, BF16, Q8_0) at ``dst``, atomically."""
     import gguf
@@ -219,7 +219,7 @@ def convert_checkpoint(folder: Path, dst: Path, out_type: str = "F16", *,
     t0 = time.perf_counter()
     try:
         w = gguf.GGUFWriter(str(tmp), fam.arch)
-        _metadata(w, fam, config, folder, out_type)
+        _metadata(w, fam, config, name or folder.name, out_type)
         tok.write(w)
         encoded_shapes = []
         for name, ref in plan:
@@ -278,11 +278,11 @@ def _count(shape) -> int:
     return n
 
 
-def _metadata(w, fam: Family, c: dict, folder: Path, out_type: str) -> None:
+def _metadata(w, fam: Family, c: dict, model_name: str, out_type: str) -> None:
     n_head = int(c["num_attention_heads"])
     head_dim = int(c.get("head_dim") or c["hidden_size"] // n_head)
     gemma = fam.arch in GEMMA
-    w.add_name(folder.name)
+    w.add_name(model_name)
     default_ctx = {"gemma3": 131072, "gemma2": 8192}.get(fam.arch, 4096)
     w.add_context_length(int(c.get("max_position_embeddings", default_ctx)))
     w.add_embedding_length(int(c["hidden_size"]))
