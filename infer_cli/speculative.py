@@ -206,11 +206,6 @@ class Speculator:
         if st.rounds < self.probe_rounds or self.t_plain <= 0:
             return
         plain_rate = 1.0 / self.t_plain
-        longest = max(self.verify_cost, default=0)
-        if self.expected_rate(best) < plain_rate and self.acceptance_rate() >= 0.8 \
-                and longest < self.draft_max:
-            self.n_draft = self.draft_max  # drafts are good: measure a long one before giving up
-            return
         if self.expected_rate(best) < plain_rate:
             spec = st.spec_s / st.spec_tokens
             st.switched_off = (f"speculation switched off: {spec * 1e3:.1f} ms a token against "
