@@ -2,8 +2,10 @@
 
 Tensors are read one at a time from memory-mapped safetensors and written straight to the
 output, so memory stays near the size of the largest tensor. Supported so far: the Llama
-family (Llama 2/3/3.1+ with llama3 rope scaling, Mistral, SmolLM), Qwen2 / Qwen2.5 / Qwen3 with
-byte-level BPE tokenizers, and Gemma 2 / Gemma 3 (text) with their SentencePiece tokenizer.model.
+family (Llama 2/3/3.1+ with llama3 rope scaling, Mistral, SmolLM; a SentencePiece tokenizer.model,
+as Llama 2 and Mistral v0.1 have, is taken over tokenizer.json as llama.cpp's converter does),
+Qwen2 / Qwen2.5 / Qwen3 with byte-level BPE tokenizers, and Gemma 2 / Gemma 3 (text) with their
+SentencePiece tokenizer.model.
 """
 
 from __future__ import annotations
@@ -207,7 +209,8 @@ def convert_checkpoint(folder: Path, dst: Path, out_type: str = "F16", *, name: 
         plan.append(("rope_freqs.weight", Extra("rope_freqs", llama3_rope_factors(config))))
     from .tokenizer_meta import read_tokenizer
 
-    tok = read_tokenizer(folder, int(config.get("vocab_size") or 0), sentencepiece=fam.arch in GEMMA)
+    tok = read_tokenizer(folder, int(config.get("vocab_size") or 0), sentencepiece=fam.arch in GEMMA,
+                         llama=fam.arch == "llama")
     if fam.arch in GEMMA:
         config = dict(config, _n_vocab=len(tok.tokens))
         plan = [(n, _Truncated(r, len(tok.tokens)) if n == "token_embd.weight" else r) for n, r in plan]

@@ -165,11 +165,17 @@ def _looks_special(t: str) -> bool:
             or (t.startswith("<unused") and t.endswith(">")))
 
 
-def read_sentencepiece_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:
+def read_sentencepiece_tokenizer(folder: Path, vocab_size: int, *, llama: bool = False) -> Tokenizer:
     """As llama.cpp's converter reads a SentencePiece checkpoint: the pieces of tokenizer.model
     (user-defined pieces count as normal there), then added_tokens.json and tokenizer_config.json's
     added_tokens_decoder over them (control if special or special-looking, else user-defined with
-    '\u2581' turned back into spaces; score -1000), padded to vocab_size with [PADn]."""
+    '\u2581' turned back into spaces; score -1000), padded to vocab_size with [PADn].
+
+    ``llama`` (Llama 2, Mistral v0.1 and the like) differs from Gemma as llama.cpp's LlamaModel
+    converter does: add_space_prefix only where tokenizer_config.json says add_prefix_space (else
+    unwritten, and llama.cpp's default for a "llama" vocabulary, a space prefix, holds); add_bos /
+    add_eos only where tokenizer_config.json says so (llama.cpp's defaults: BOS yes, EOS no); and
+    special ids missing from tokenizer_config.json taken from config.json's ``*_token_id``."""
     pieces, piece_scores, piece_types = read_sentencepiece(folder / "tokenizer.model")
     n = vocab_size or len(pieces)
     tokens = [f"[PAD{i}]" for i in range(n)]
@@ -193,14 +199,29 @@ def read_sentencepiece_tokenizer(folder: Path, vocab_size: int) -> Tokenizer:
         tokens[i], scores[i] = t, -1000.0
     vocab = {t: i for i, t in reversed(list(enumerate(tokens)))}
     add_bos = cfg.get("add_bos_token")
+    if llama:
+        special = _specials(cfg, vocab)
+        model_cfg = folder / "config.json"
+        hp = json.loads(model_cfg.read_text(encoding="utf-8")) if model_cfg.is_file() else {}
+        for key in ("bos", "eos", "unk", "pad"):
+            tid = hp.get(f"{key}_token_id")
+            if key not in special and isinstance(tid, int) and 0 <= tid < n:
+                special[key] = tid
+        flag = lambda k: cfg.get(k) if isinstance(cfg.get(k), bool) else None  # noqa: E731
+        return Tokenizer(tokens, types, [], "default", special, flag("add_bos_token"),
+                         flag("add_eos_token"), _chat_template(folder, cfg), scores,
+                         flag("add_prefix_space"))
     return Tokenizer(tokens, types, [], "default", _specials(cfg, vocab),
                      True if add_bos is None else add_bos, cfg.get("add_eos_token", False),
                      _chat_template(folder, cfg), scores, False)
 
 
-def read_tokenizer(folder: Path, vocab_size: int, *, sentencepiece: bool = False) -> Tokenizer:
-    if sentencepiece and (folder / "tokenizer.model").is_file():
-        return read_sentencepiece_tokenizer(folder, vocab_size)
+def read_tokenizer(folder: Path, vocab_size: int, *, sentencepiece: bool = False,
+                   llama: bool = False) -> Tokenizer:
+    """``sentencepiece``: Gemma's reading of tokenizer.model; ``llama``: Llama 2 / Mistral's, which
+    (as in llama.cpp's converter) takes tokenizer.model over tokenizer.json wherever it exists."""
+    if (sentencepiece or llama) and (folder / "tokenizer.model").is_file():
+        return read_sentencepiece_tokenizer(folder, vocab_size, llama=llama and not sentencepiece)
     tj = folder / "tokenizer.json"
     if not tj.is_file():
         raise BadCheckpoint(str(folder), "tokenizer.json is missing (SentencePiece-only "

@@ -327,3 +327,150 @@ def test_tiny_gemma2_converts_tokenizes_and_matches_reference(tmp_path):
         assert np.abs(no_window - got).max() > 5 * np.abs(got - ref).max()
     finally:
         m.close()
+
+
+# --- Llama 2 (SentencePiece tokenizer.model) ----------------------------------------------------
+
+_L2_WORDS = ["\u2581hello", "\u2581world", "\u2581the", "\u2581lazy", "\u2581dog", "\u2581leading", "\u2581spaces"]
+# single characters (digits among them, as Llama 2 has only single digits), every prefix of every
+# word, runs of '\u2581', and two overlapping pieces whose scores decide which merge wins
+LLAMA2_PIECES = (sorted({c for w in _L2_WORDS for c in w} | set("0123456789xyz"))
+                 + sorted({w[:k] for w in _L2_WORDS for k in range(2, len(w) + 1)}, key=lambda x: (len(x), x))
+                 + ["\u2581\u2581", "\u2581\u2581\u2581\u2581", "xy", "yz", "é"])
+LLAMA2_TEXTS = ["hello world", " hello", "   leading spaces", "the lazy dog 2024", "xyz yz xy",
+                "héllo wörld ✓ 日本", "12 + 345 = 357\n\tx", "dog🙂dog", "hello  world    the"]
+
+
+def _llama2_vocab():
+    tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + LLAMA2_PIECES
+    types = [2, 3, 3] + [6] * 256 + [1] * len(LLAMA2_PIECES)
+    # as in Llama 2's model: bytes and controls score 0, pieces -i (earlier pieces merge first),
+    # except that "yz" outranks "xy"
+    scores = [0.0] * 259 + [-float(i) for i in range(len(LLAMA2_PIECES))]
+    scores[tokens.index("yz")] = 0.5
+    return tokens, scores, types
+
+
+def _spm_reference(text: str, tokens: list[str], scores: list[float]) -> list[int]:
+    """SentencePiece BPE as Llama 2's tokenizer.model runs it: spaces to '\u2581' with a space prefix,
+    characters merged pairwise, always the best-scoring pair whose union is a piece (leftmost on
+    ties), and whatever is left outside the vocabulary spelled in <0xXX> byte tokens."""
+    ids = {t: i for i, t in enumerate(tokens) if i >= 259}
+    syms = list("\u2581" + text.replace(" ", "\u2581"))
+    while True:
+        best = None
+        for i in range(len(syms) - 1):
+            j = ids.get(syms[i] + syms[i + 1])
+            if j is not None and (best is None or scores[j] > scores[ids[syms[best] + syms[best + 1]]]):
+                best = i
+        if best is None:
+            break
+        syms[best:best + 2] = [syms[best] + syms[best + 1]]
+    out = []
+    for s in syms:
+        out += [ids[s]] if s in ids else [3 + b for b in s.encode("utf-8")]
+    return out
+
+
+def _llama2_checkpoint(folder: Path) -> tuple[Path, dict, dict]:
+    from quantize.safetensors_io import write
+    from tests.quantize_export import sentencepiece_model
+
+    tokens, scores, types = _llama2_vocab()
+    rng = np.random.default_rng(23)
+    n_vocab, d, nh, ff, n_layer = len(tokens), 64, 4, 96, 2
+    cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": d,
+           "intermediate_size": ff, "num_hidden_layers": n_layer, "num_attention_heads": nh,
+           "num_key_value_heads": nh, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
+           "rope_theta": 10000.0, "vocab_size": n_vocab, "bos_token_id": 1, "eos_token_id": 2,
+           "tie_word_embeddings": False}
+
+    def w(*shape, s=0.15):
+        return (rng.standard_normal(shape) * s).astype(np.float16).astype(np.float32)
+
+    t = {"model.embed_tokens.weight": w(n_vocab, d, s=0.5), "model.norm.weight": 1 + w(d, s=0.1),
+         "lm_head.weight": w(n_vocab, d, s=0.3)}
+    for i in range(n_layer):
+        p = f"model.layers.{i}."
+        t |= {p + "input_layernorm.weight": 1 + w(d, s=0.1), p + "post_attention_layernorm.weight": 1 + w(d, s=0.1),
+              p + "self_attn.q_proj.weight": w(d, d), p + "self_attn.k_proj.weight": w(d, d),
+              p + "self_attn.v_proj.weight": w(d, d), p + "self_attn.o_proj.weight": w(d, d),
+              p + "mlp.gate_proj.weight": w(ff, d), p + "mlp.up_proj.weight": w(ff, d),
+              p + "mlp.down_proj.weight": w(d, ff)}
+    folder.mkdir(parents=True)
+    write(folder / "model.safetensors", {k: v.astype(np.float16) if v.ndim == 2 else v for k, v in t.items()})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "tokenizer.model").write_bytes(sentencepiece_model(tokens, scores, types))
+    # Llama-2-7b-hf's tokenizer_config.json, abridged (no add_prefix_space: llama.cpp's default)
+    (folder / "tokenizer_config.json").write_text(json.dumps({
+        "add_bos_token": True, "add_eos_token": False, "legacy": False, "pad_token": None,
+        "bos_token": {"content": "<s>"}, "eos_token": {"content": "</s>"}, "unk_token": {"content": "<unk>"},
+        "tokenizer_class": "LlamaTokenizer",
+        "added_tokens_decoder": {str(i): {"content": c, "special": True} for i, c in enumerate(["<unk>", "<s>", "</s>"])}}))
+    return folder, t, cfg
+
+
+def test_tiny_llama2_sentencepiece_converts_tokenizes_and_matches_reference(tmp_path):
+    from gguf import GGUFReader
+
+    from infer_cli.engine import EngineOptions, Model, Session
+    from quantize.convert import convert_checkpoint
+
+    folder, weights, cfg = _llama2_checkpoint(tmp_path / "llama2")
+    tokens, scores, types = _llama2_vocab()
+    # a tokenizer.json beside tokenizer.model does not win (llama.cpp's converter takes the latter)
+    _tokenizer(LLAMA3_SPLIT, ["<|end_of_text|>"], False).save(str(folder / "tokenizer.json"))
+    out = convert_checkpoint(folder, tmp_path / "llama2.F16.gguf", "F16").path
+    r = GGUFReader(str(out))
+    f = {k: v.contents() for k, v in r.fields.items() if k.startswith("tokenizer.ggml.")}
+    assert f["tokenizer.ggml.model"] == "llama" and f["tokenizer.ggml.pre"] == "default"
+    # <unk> turns control, as added_tokens_decoder calls it special (llama.cpp's converter does so too)
+    assert f["tokenizer.ggml.tokens"] == tokens and f["tokenizer.ggml.token_type"] == [3] + types[1:]
+    assert np.allclose(f["tokenizer.ggml.scores"], [-1000.0] * 3 + scores[3:])  # added tokens: -1000
+    assert (f["tokenizer.ggml.bos_token_id"], f["tokenizer.ggml.eos_token_id"], f["tokenizer.ggml.unknown_token_id"]) == (1, 2, 0)
+    assert f["tokenizer.ggml.add_bos_token"] is True and f["tokenizer.ggml.add_eos_token"] is False
+    assert "tokenizer.ggml.add_space_prefix" not in f and "tokenizer.ggml.padding_token_id" not in f
+    assert r.fields["general.architecture"].contents() == "llama"
+    assert "output.weight" in {t.name for t in r.tensors} and "rope_freqs.weight" not in {t.name for t in r.tensors}
+    del r
+
+    # hand-derived ids, which also check the reference tokenizer
+    piece = lambda p: 259 + LLAMA2_PIECES.index(p)  # noqa: E731
+    assert _spm_reference("hello world", tokens, scores) == [piece("\u2581hello"), piece("\u2581world")]
+    assert _spm_reference("xyz", tokens, scores) == [piece("\u2581"), piece("x"), piece("yz")]
+    assert _spm_reference("7ü", tokens, scores) == [piece("\u2581"), piece("7"), 3 + 0xC3, 3 + 0xBC]
+
+    opts = EngineOptions(warmup=False, n_ctx=256, threads=2)
+    m = Model(out, opts)
+    try:
+        for text in LLAMA2_TEXTS:
+            assert m.tokenize(text, add_special=False) == _spm_reference(text, tokens, scores), text
+        # BOS by default, a space prefix on the first word, and the pieces of a control token
+        assert m.tokenize("the dog") == [1, piece("\u2581the"), piece("\u2581dog")]
+        assert m.tokenize("dog</s>", add_special=False) == [piece("\u2581dog"), 2]
+
+        ids = [1] + _spm_reference(" ".join(LLAMA2_TEXTS[:4]), tokens, scores)[:23]
+        ref = _reference_logits(weights, cfg, ids)
+        s = Session(m, opts)
+        try:
+            s.decode_all(ids)
+            got = np.stack([np.ctypeslib.as_array(s.L.llama_get_logits_ith(s.ptr, i), shape=(m.n_vocab,))
+                            for i in range(len(ids))]).astype(np.float64)
+        finally:
+            s.close()
+        assert np.abs(got - ref).max() < 0.02 * np.abs(ref).max(), (np.abs(got - ref).max(), np.abs(ref).max())
+        assert (got.argmax(-1) == ref.argmax(-1)).mean() >= 0.9
+    finally:
+        m.close()
+
+    # add_prefix_space in tokenizer_config.json (as some Mistral-style checkpoints have) is carried over
+    cfg_path = folder / "tokenizer_config.json"
+    cfg_path.write_text(json.dumps(dict(json.loads(cfg_path.read_text()), add_prefix_space=False)))
+    out2 = convert_checkpoint(folder, tmp_path / "llama2-nsp.F16.gguf", "F16").path
+    assert GGUFReader(str(out2)).fields["tokenizer.ggml.add_space_prefix"].contents() is False
+    m = Model(out2, opts)
+    try:
+        assert m.tokenize("hello world", add_special=False) == [piece("h"), piece("e"), piece("l"), piece("l"),
+                                                                 piece("o"), piece("\u2581world")]
+    finally:
+        m.close()
