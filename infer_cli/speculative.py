@@ -115,6 +115,7 @@ class Speculator:
     verify_cost: dict = field(default_factory=dict)  # drafts n -> verification in plain steps
     rejections: int = 0        # rounds that ended on a rejected draft
     last_overhead: float | None = None  # set by propose(): time before the first draft
+    rejections_last_round: bool = False
 
     def prepare(self, prompt: list[int]) -> None:
         """Called once the target holds the prompt."""
@@ -142,7 +143,8 @@ class Speculator:
         st.accepted += accepted
         st.spec_tokens += len(out)
         st.spec_s += t2 - t0
-        self.rejections += accepted < len(drafts)
+        self.rejections_last_round = accepted < len(drafts)
+        self.rejections += self.rejections_last_round
         self._learn(len(drafts), overhead, t1 - t0 - overhead, t2 - t1)
         if st.rounds > 1:  # the first round pays one-time costs: learn from it, do not act on it
             self._choose()
@@ -237,9 +239,23 @@ class DraftModel(Speculator):
 
     draft_session: object = None
     p_min: float = 0.5  # stop drafting when the draft's top choice (among its 10 best) is unsure
+    p_floor: float = 0.02
+    p_now: float | None = None  # the threshold in force: lowered while early stops were needless
+    stopped_early: bool = False
 
     def prepare(self, prompt: list[int]) -> None:
         self.draft_session.sync(prompt[:-1])  # the last prompt token comes with the first step
+
+    def _learn(self, n: int, overhead_s: float, drafting_s: float, verify_s: float) -> None:
+        super()._learn(n, overhead_s, drafting_s, verify_s)
+        # How unsure a draft may be before it stops depends on the pair: when it stopped early
+        # and the target took every draft anyway, the stop was needless, so lower the bar;
+        # after a rejection, raise it back toward --draft-p-min.
+        p = self.p_min if self.p_now is None else self.p_now
+        if self.rejections_last_round:
+            self.p_now = min(self.p_min, p * 2)
+        elif self.stopped_early:
+            self.p_now = max(self.p_floor, p / 2)
 
     def propose(self, session, last: int, k: int) -> list[int]:
         t0 = time.perf_counter()
@@ -247,11 +263,14 @@ class DraftModel(Speculator):
         d.sync(session.tokens)  # same prefix as the target (rolls back what was rejected)
         d.decode_one(last)
         drafts: list[int] = []
+        threshold = self.p_min if self.p_now is None else self.p_now
+        self.stopped_early = False
         for i in range(k):
             tok, p = d.top(-1)
             if i == 0:
                 self.last_overhead = time.perf_counter() - t0
-            if p < self.p_min:
+            if p < threshold:
+                self.stopped_early = True
                 break
             drafts.append(tok)
             if i + 1 < k:
