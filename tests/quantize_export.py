@@ -20,9 +20,17 @@ def _unpermute(w, n_head):
     return w.reshape(n_head, rows // n_head // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
+
+def _dequantized(reader):
+    """Each tensor of a GGUFReader with its values as float32, in Hugging Face's row order."""
+    from gguf.quants import dequantize
+
+    for t in reader.tensors:
+        shape = tuple(reversed([int(x) for x in t.shape]))
+        yield t, dequantize(t.data, t.tensor_type).reshape(shape).astype(np.float32)
+
 def export_llama(gguf_path: Path, folder: Path) -> Path:
     from gguf import GGUFReader
-    from gguf.quants import dequantize
 
     from quantize.safetensors_io import write
 
@@ -36,9 +44,7 @@ def export_llama(gguf_path: Path, folder: Path) -> Path:
     n_head = field("llama.attention.head_count")
     n_kv = field("llama.attention.head_count_kv")
     tensors = {}
-    for t in r.tensors:
-        data = dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(x) for x in t.shape])))
-        data = data.astype(np.float32)
+    for t, data in _dequantized(r):
         parts = t.name.split(".")
         if parts[0] == "blk":
             hf = f"model.layers.{parts[1]}.{_HF[parts[2]]}.{parts[3]}"
@@ -125,16 +131,13 @@ def export_gemma3(gguf_path: Path, folder: Path) -> Path:
     """Gemma 3 GGUF -> HF folder: norm weights minus the 1 llama.cpp's converter adds, the
     SentencePiece vocabulary as tokenizer.model, user-defined tokens in added_tokens_decoder."""
     from gguf import GGUFReader
-    from gguf.quants import dequantize
 
     from quantize.safetensors_io import write
 
     r = GGUFReader(str(gguf_path))
     field = lambda key: r.fields[key].contents()  # noqa: E731
     tensors = {}
-    for t in r.tensors:
-        data = dequantize(t.data, t.tensor_type).reshape(tuple(reversed([int(x) for x in t.shape])))
-        data = data.astype(np.float32)
+    for t, data in _dequantized(r):
         parts = t.name.split(".")
         if parts[0] == "blk":
             hf = f"model.layers.{parts[1]}.{_GEMMA3[parts[2]]}.{parts[3]}"

@@ -33,20 +33,22 @@ def _draft(draft_session, **kw):
                                              stats=speculative.SpecStats("draft"), **kw))
 
 
-@pytest.fixture(scope="module")
-def gemma_pair(gemma3_f32, gemma3_gguf):
-    target, draft = engine.Model(gemma3_f32, OPTS), engine.Model(gemma3_gguf, OPTS)
+def _sessions(target_path, draft_path):
+    """Target and draft sessions, their models freed when the module's tests are done."""
+    target, draft = engine.Model(target_path, OPTS), engine.Model(draft_path, OPTS)
     yield engine.Session(target, OPTS), engine.Session(draft, OPTS)
     target.close()
     draft.close()
+
+
+@pytest.fixture(scope="module")
+def gemma_pair(gemma3_f32, gemma3_gguf):
+    yield from _sessions(gemma3_f32, gemma3_gguf)
 
 
 @pytest.fixture(scope="module")
 def smol_pair(smollm2_f32, smollm2_gguf):
-    target, draft = engine.Model(smollm2_f32, OPTS), engine.Model(smollm2_gguf, OPTS)
-    yield engine.Session(target, OPTS), engine.Session(draft, OPTS)
-    target.close()
-    draft.close()
+    yield from _sessions(smollm2_f32, smollm2_gguf)
 
 
 @pytest.mark.parametrize("pair", ["gemma_pair", "smol_pair"])
