@@ -594,6 +594,7 @@ def stream(session: Session, req: Request, *, stats: Stats | None = None,
                 prompt_cache.save(session)
             session.decode_one(tokens[-1])
         if speculator is not None:
+            speculator.reproducible = not req.sampling.greedy and req.sampling.seed >= 0
             speculator.prepare(tokens)
         stats.prefill_s = time.perf_counter() - t0
         pending = [sampler.sample(session.ptr)]

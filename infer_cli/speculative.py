@@ -116,6 +116,8 @@ class Speculator:
     rejections: int = 0        # rounds that ended on a rejected draft
     last_overhead: float | None = None  # set by propose(): time before the first draft
     rejections_last_round: bool = False
+    last_accepted: int = 0
+    reproducible: bool = False  # set for seeded sampling: no decision depends on timings
 
     def prepare(self, prompt: list[int]) -> None:
         """Called once the target holds the prompt."""
@@ -144,6 +146,7 @@ class Speculator:
         st.spec_tokens += len(out)
         st.spec_s += t2 - t0
         self.rejections_last_round = accepted < len(drafts)
+        self.last_accepted = accepted
         self.rejections += self.rejections_last_round
         self._learn(len(drafts), overhead, t1 - t0 - overhead, t2 - t1)
         if st.rounds > 1:  # the first round pays one-time costs: learn from it, do not act on it
@@ -202,6 +205,12 @@ class Speculator:
         return tokens / seconds if seconds > 0 else 0.0
 
     def _choose(self) -> None:
+        if self.reproducible:
+            # Seeded sampling must give the same text every run, and batch shapes change the
+            # arithmetic: the length follows acceptance alone, never the clock.
+            self.n_draft = (min(self.draft_max, self.n_draft + 2) if not self.rejections_last_round
+                            else max(self.draft_min, self.last_accepted + 1))
+            return
         best = max(range(self.draft_min, self.draft_max + 1), key=self.expected_rate)
         self.n_draft = best
         st = self.stats
