@@ -199,9 +199,18 @@ def _emit_plan(out, name, m, p, largest, tips, checks) -> None:
         t.add_column(col, justify="right" if col else "left")
     for comp in ("weights", "kv", "compute", "output", "overhead", "total"):
         a, b = getattr(p.cpu, comp), getattr(p.gpu, comp)
-        label = {"kv": "KV cache", "overhead": "runtime allowance"}.get(comp, comp)
+        label = {"kv": "KV cache", "overhead": "runtime allowance", "total": "total allocated"}.get(comp, comp)
         t.add_row(label, human_bytes(a), human_bytes(b) if b else "-")
     out.result(t)
+    if p.cpu.untouched:
+        # llama.cpp reserves logits for a whole ubatch; a decode that wants one token's logits
+        # never writes the rest, so those pages never become resident
+        out.result(f"RAM: resident ~{human_bytes(p.cpu.resident)} in ordinary generation (context full, "
+                   f"one token's logits per decode); {human_bytes(p.cpu.total)} allocated (worst case: "
+                   f"logits for all {p.n_ubatch} tokens of a ubatch)")
+    else:
+        out.result(f"RAM: resident ~{human_bytes(p.cpu.resident)} in ordinary generation; "
+                   f"{human_bytes(p.cpu.total)} allocated")
     if p.draft is not None:
         out.result(f"draft {p.draft.model}: {human_bytes(p.draft.total)} "
                    f"({p.draft.verdict_text}), included in the budget")

@@ -22,6 +22,11 @@ rules follow llama.cpp 0c1e570 (vendored by llama-cpp-python 0.3.36):
   (CUDA_Host) one only the token embedding rows and the masks (``_offloaded``);
 - with mmap, the CPU mapping spans from the first to the last CPU tensor in file order.
 
+Two figures for RAM: ``Memory.total`` is what llama.cpp allocates (the worst case: a ubatch with
+the logits of every token) plus the process itself; ``Memory.resident`` is what the process
+holds once the context is full in ordinary generation, where each decode asks for the logits of
+one token and the logits rows of the compute buffer are never written (``decode_compute_bytes``).
+
 ``check`` runs llama.cpp's own dry run in a subprocess for comparison.
 """
 
@@ -61,7 +66,23 @@ GPU_OVERHEAD = {"cuda": 640 * MIB, "metal": 256 * MIB, "": 0}
 # matmul at a time: ggml-backend.cpp starts a new split for each weight from an incompatible
 # buffer, so only one such copy is alive at once).
 CUDA_OFFLOAD_MIN_BATCH = 32
-PROCESS_RAM = 64 * MIB  # interpreter + llama.cpp libraries (dry run: 61 MiB RSS)
+# What the process holds in RAM besides llama.cpp's buffers (the CPU's ``Memory.overhead``),
+# measured on Linux x86-64 with Python 3.11 and llama-cpp-python 0.3.36 (RSS deltas of
+# scripts/bench_fit.py's --rss child, mmap off, 2 threads, SmolLM2-135M and Gemma 3 270M):
+# - RUNTIME_RSS: the interpreter with infer_cli.engine, llama_cpp (libllama + libggml), numpy
+#   and psutil imported, before any model: 42.8-43.0 MiB in that child over 16 runs (`infer`'s
+#   CLI module with the engine and llama_cpp: 42.3 MiB);
+# - LLAMA_STATE_RSS: llama.cpp's own bookkeeping: backend init 0.9 MiB, model load beyond the
+#   weights and the tokenizer 1.8-2.3, context creation beyond KV and output buffers 3.3-3.8,
+#   the decodes beyond the compute pages they write (thread pool, work buffer) 2.5-4.5;
+# - the tokenizer (llama-vocab's tables: token strings, scores, token -> id map, piece cache,
+#   BPE ranks), from a vocab_only load: 16.3 MiB for SmolLM2 (49,152 tokens, 48,900 merges),
+#   41.4 for Gemma 3 270M (262,144 tokens), 18.7 and 39.7 for the Llama-3-8B- and Gemma-3-27B-
+#   shaped files (128,256 and 262,208 tokens): 153-166 bytes per token, 190 per merge.
+RUNTIME_RSS = 42 * MIB
+LLAMA_STATE_RSS = 10 * MIB
+VOCAB_TOKEN_BYTES = 160
+VOCAB_MERGE_BYTES = 190
 VRAM_MARGIN = 0.05      # keep 5% of the GPU's memory free
 RAM_MARGIN = 0.10       # and 10% of the available RAM
 
@@ -127,6 +148,7 @@ class Model:
     # (offset in the file, bytes, group) of every tensor: group = block index, -1 the token
     # embedding, -2 the output layer (final norm, output matrix, ...). Empty for hand-made models.
     tensors: tuple[tuple[int, int, int], ...] = ()
+    n_merges: int = 0             # BPE merges of the tokenizer (its tables take RAM)
 
     def largest_block_tensor(self, blocks: range) -> int:
         """The largest single tensor of the given blocks (0 when unknown)."""
@@ -164,20 +186,26 @@ class Hardware:
 
 @dataclass
 class Memory:
-    """Bytes on one device, by component."""
+    """Bytes on one device, by component. ``total`` is what is allocated; ``resident`` what
+    ordinary generation actually touches (``untouched``: compute-buffer bytes it never writes)."""
 
     weights: int = 0
     kv: int = 0
     compute: int = 0
     output: int = 0
     overhead: int = 0
+    untouched: int = 0
 
     @property
     def total(self) -> int:
         return self.weights + self.kv + self.compute + self.output + self.overhead
 
+    @property
+    def resident(self) -> int:
+        return self.total - self.untouched
+
     def as_dict(self) -> dict[str, int]:
-        return {**asdict(self), "total": self.total}
+        return {**asdict(self), "total": self.total, "resident": self.resident}
 
 
 @dataclass
@@ -203,6 +231,10 @@ class Plan:
         return self.cpu.total + self.gpu.total
 
     @property
+    def resident(self) -> int:
+        return self.cpu.resident + self.gpu.resident
+
+    @property
     def verdict_text(self) -> str:
         return {"gpu": "fits on the GPU", "cpu": "CPU only",
                 "partial": f"partial offload: {self.gpu_layers} of {self.n_layer + 1} layers on the GPU",
@@ -214,7 +246,7 @@ class Plan:
              "n_layer": self.n_layer, "gpu_layers": self.gpu_layers, "verdict": self.verdict,
              "verdict_text": self.verdict_text, "fits": self.fits,
              "devices": {"cpu": self.cpu.as_dict(), "gpu": self.gpu.as_dict()},
-             "total": self.total, "kv_per_token": self.kv_per_token, "notes": self.notes}
+             "total": self.total, "resident": self.resident, "kv_per_token": self.kv_per_token, "notes": self.notes}
         if self.draft is not None:
             d["draft"] = self.draft.as_dict()
         return d
@@ -226,6 +258,8 @@ class Plan:
 
 def facts(info) -> Model:
     """The plan's view of a ``gguf_info.GGUFInfo``; BadModelFile when a needed key is missing."""
+    from .gguf_info import ArrayInfo
+
     arch = info.architecture or "?"
     n_layer, n_embd, n_head = info.block_count, info.embedding_length, info.head_count
     if not (n_layer and n_embd and n_head):
@@ -259,6 +293,7 @@ def facts(info) -> Model:
             has_output |= t.name == "output.weight"
             spans.append((t.offset, t.n_bytes, -2))
     tied = not has_output
+    merges = info.get("tokenizer.ggml.merges")
     tok = info.tensor("token_embd.weight")
     tied_bytes = tok.n_bytes if tied and tok is not None else 0
     output += tied_bytes
@@ -269,7 +304,8 @@ def facts(info) -> Model:
         n_vocab=info.vocab_size or 0, n_ctx_train=info.context_length or 4096, n_swa=n_swa,
         swa_layers=_swa_layers(info, arch, n_layer, n_swa), layer_bytes=tuple(layer_bytes),
         embd_bytes=embd, output_bytes=output, tied_output=tied, tied_bytes=tied_bytes, file_bytes=info.file_size,
-        quant=info.file_type_name or "", tensors=tuple(spans) if single_file else ())
+        quant=info.file_type_name or "", tensors=tuple(spans) if single_file else (),
+        n_merges=len(merges) if isinstance(merges, (list, ArrayInfo)) else 0)
 
 
 def _swa_layers(info, arch: str, n_layer: int, n_swa: int) -> tuple[bool, ...]:
@@ -354,6 +390,44 @@ def compute_bytes(m: Model, o: Options, c: _Ctx | None = None, *, logits: bool =
     return max(phases)
 
 
+def decode_compute_bytes(m: Model, o: Options, c: _Ctx | None = None) -> int:
+    """The part of the CPU compute buffer (``compute_bytes``) that ordinary generation writes.
+
+    llama.cpp sizes the buffer for a ubatch of n_ubatch tokens that all want logits, so its peak
+    is the f32 logits of the ubatch. A decode through ``llama_batch_get_one`` asks for the logits
+    of the last token only: the graph keeps that one row (``inp_out_ids``) before the output
+    matrix, the graph allocator then peaks elsewhere and the pages above that peak are
+    allocated but never written, hence never resident. The peak of that graph is llama.cpp's
+    own reserve with ``n_outputs_max = 1`` (scripts/bench_fit.py compares them), where with
+    flash attention the feed-forward activations of the ubatch (gate, up and their product,
+    three n_embd-wide states, the n_head x head_dim attention output) sit beside the f16 masks
+    (full-attention and sliding-window), graph inputs alive through every layer. That matched
+    the dry run to 0.1% with an f16 cache on SmolLM2-135M, Gemma 3 270M and the Llama-3-8B and
+    Gemma-3-27B shapes (n_ctx 512-32768, n_ubatch 64-512); quantized caches move it by -10..+8%.
+    Without flash attention the f32 scores of every head may peak instead (-13..+10%). Against the
+    pages a real process wrote: SmolLM2, n_ctx 512, n_ubatch 512, the last written page of the
+    98.25 MiB buffer ends at 13.97 MiB (this gives 14.00); Gemma 3 270M, n_ctx 4096, at 22.77
+    of 514.50 (this gives 22.75)."""
+    c = c or _context(m, o)
+    ub = c.n_ubatch
+    full, swa = not all(m.swa_layers), any(m.swa_layers)
+    ffn = ub * 4 * (3 * m.n_ff + 3 * m.n_embd + m.n_head * m.head_dim_k)
+    if o.fa:
+        rows = _pad(ub, 64)
+        cells = (c.n_ctx if full else 0) + (c.n_swa if swa else 0)
+        return ffn + cells * rows * 2
+    masks = (c.n_ctx * ub * 4 if full else 0) + (c.n_swa * ub * 4 if swa else 0)
+    n_kv = c.n_ctx if full else c.n_swa
+    scores = n_kv * ub * 4 * m.n_head + masks + ub * 4 * 6 * m.n_embd
+    return max(ffn + masks, scores)
+
+
+def process_bytes(m: Model) -> int:
+    """RAM of the process besides llama.cpp's buffers: the runtime, llama.cpp's bookkeeping
+    and the model's tokenizer tables (see RUNTIME_RSS)."""
+    return RUNTIME_RSS + LLAMA_STATE_RSS + m.n_vocab * VOCAB_TOKEN_BYTES + m.n_merges * VOCAB_MERGE_BYTES
+
+
 def _offloaded(m: Model, o: Options, c: _Ctx, first_gpu: int, out_on_gpu: bool) -> tuple[int, int]:
     """(CUDA_Host, CUDA0) compute buffers when ggml-cuda runs the ubatch's ops on the GPU
     whatever n_gpu_layers is (n_ubatch >= CUDA_OFFLOAD_MIN_BATCH).
@@ -434,7 +508,9 @@ def memory(m: Model, hw: Hardware, o: Options, gpu_layers: int) -> tuple[Memory,
         gpu.overhead = GPU_OVERHEAD.get(hw.backend, GPU_OVERHEAD["cuda"])
     else:
         cpu.compute = compute_bytes(m, o, c)
-    cpu.overhead = PROCESS_RAM
+        # the logits rows of the ubatch that an ordinary decode (one token's logits) never writes
+        cpu.untouched = max(0, cpu.compute - decode_compute_bytes(m, o, c))
+    cpu.overhead = process_bytes(m)
     return cpu, gpu
 
 
@@ -572,19 +648,23 @@ class Check:
     compute: int | None = None
     output: int | None = None
     error: str | None = None
+    compute_decode: int | None = None  # the compute buffer reserved with n_outputs_max = 1
 
 
-def check(path: str, configs: list[Options], *, timeout: float = 120) -> list[Check]:
+def check(path: str, configs: list[Options], *, timeout: float = 120, decode: bool = False) -> list[Check]:
     """Run llama.cpp's dry run (no_alloc, load_mode 0) for each of ``configs`` on the CPU, in a
-    subprocess so that a native abort cannot take the caller down."""
-    payload = json.dumps({"path": str(path), "configs": [asdict(c) for c in configs]})
+    subprocess so that a native abort cannot take the caller down. ``decode``: also reserve a
+    context with one output per ubatch (what ordinary generation asks for), giving
+    ``compute_decode`` to compare with ``decode_compute_bytes``."""
+    payload = json.dumps({"path": str(path), "configs": [asdict(c) for c in configs], "decode": decode})
     proc = subprocess.run([sys.executable, "-m", "infer_cli.fit"], input=payload, text=True,
                           capture_output=True, timeout=timeout)
     results = []
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
     for o, ln in zip(configs, lines):
         r = json.loads(ln)
-        results.append(Check(o, r["ok"], r.get("kv"), r.get("compute"), r.get("output"), r.get("error")))
+        results.append(Check(o, r["ok"], r.get("kv"), r.get("compute"), r.get("output"), r.get("error"),
+                             r.get("compute_decode")))
     for o in configs[len(results):]:
         err = (proc.stderr.strip().splitlines() or [f"exit code {proc.returncode}"])[-1]
         results.append(Check(o, False, error=f"the dry run stopped: {err}"))
@@ -616,7 +696,8 @@ def _dry_run_main() -> None:
         for _ in req["configs"]:
             print(json.dumps({"ok": False, "error": err}), flush=True)
         return
-    for cfg in req["configs"]:
+
+    def params(cfg, n_outputs_max=0):
         c = L.llama_context_default_params()
         c.n_ctx, c.n_batch, c.n_ubatch = cfg["n_ctx"], cfg["n_batch"], cfg["n_ubatch"]
         c.type_k, c.type_v = KV_TYPES[cfg["cache_type_k"]], KV_TYPES[cfg["cache_type_v"]]
@@ -624,16 +705,26 @@ def _dry_run_main() -> None:
         c.swa_full = cfg["swa_full"]
         c.no_perf = True
         c.n_threads = c.n_threads_batch = 1
+        c.n_outputs_max = n_outputs_max  # 0: n_batch, every token of a ubatch may want logits
+        return c
+
+    for cfg in req["configs"]:
         mark = llama_log.mark()
-        ctx = L.llama_init_from_model(model, c)
+        ctx = L.llama_init_from_model(model, params(cfg))
         log = llama_log.since(mark)
         if not ctx:
             print(json.dumps({"ok": False, "error": llama_log.last_error(mark)}), flush=True)
             continue
-        print(json.dumps({"ok": True, "kv": llama_log.kv_cache_bytes(log),
-                          "compute": llama_log.buffer_bytes(log, "compute"),
-                          "output": llama_log.buffer_bytes(log, "output")}), flush=True)
+        r = {"ok": True, "kv": llama_log.kv_cache_bytes(log), "compute": llama_log.buffer_bytes(log, "compute"),
+             "output": llama_log.buffer_bytes(log, "output")}
         L.llama_free(ctx)
+        if req.get("decode"):
+            mark = llama_log.mark()
+            ctx = L.llama_init_from_model(model, params(cfg, 1))
+            if ctx:
+                r["compute_decode"] = llama_log.buffer_bytes(llama_log.since(mark), "compute")
+                L.llama_free(ctx)
+        print(json.dumps(r), flush=True)
     del ctypes
 
 
