@@ -138,6 +138,15 @@ def peak_rss() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # KiB on Linux
 
 
+def load_mode(mmap: bool, mlock: bool) -> int:
+    """llama.cpp's llama_load_mode for --no-mmap / --mlock (one enum, no use_mmap flag now)."""
+    import llama_cpp as L
+
+    if mmap:
+        return L.LLAMA_LOAD_MODE_MMAP_MLOCK if mlock else L.LLAMA_LOAD_MODE_MMAP
+    return L.LLAMA_LOAD_MODE_MLOCK if mlock else L.LLAMA_LOAD_MODE_NONE
+
+
 def default_threads() -> int:
     import psutil
 
@@ -161,8 +170,8 @@ class Model:
         L.llama_backend_init()
         params = L.llama_model_default_params()
         params.n_gpu_layers = opts.gpu_layers
-        params.use_mmap = opts.mmap
-        params.use_mlock = opts.mlock
+        if not opts.mmap or opts.mlock:  # else llama.cpp's own default (mmap where it can)
+            params.load_mode = load_mode(opts.mmap, opts.mlock)
         mark = llama_log.mark()
         t0 = time.perf_counter()
         self.ptr = L.llama_model_load_from_file(str(self.path).encode(), params)

@@ -133,19 +133,10 @@ def rss_rows(configs: list[fit.Options]) -> list[dict]:
 # only which compute pages are touched (a full context makes the attention masks n_ctx wide).
 _RSS_CHILD = """
 import json, psutil
-import llama_cpp
+import llama_cpp  # engine.Model imports it: part of the runtime measured below
 from infer_cli import engine
 proc = psutil.Process()
 runtime = proc.memory_info().rss
-if "use_mmap" not in dict(llama_cpp.llama_model_params._fields_):
-    # engine.Model sets params.use_mmap, a field this llama-cpp-python no longer has (load_mode
-    # replaced it): the model would stay mapped from the file whatever EngineOptions.mmap says.
-    _params = llama_cpp.llama_model_default_params
-    def _no_mmap():
-        p = _params()
-        p.load_mode = 0
-        return p
-    llama_cpp.llama_model_default_params = _no_mmap
 o = engine.EngineOptions(n_ctx={n_ctx}, n_ubatch={ub}, cache_type_k={k!r}, cache_type_v={v!r},
                          flash_attn={fa!r}, mmap=False, gpu_layers=0, threads=2)
 m = engine.Model({path!r}, o)

@@ -306,3 +306,21 @@ def test_fast_greedy_matches_llama_cpp_greedy_sampler(gemma3_gguf):
         assert runs[0] == runs[1]
     finally:
         model.close()
+
+
+@pytest.mark.parametrize("mmap", [True, False])
+def test_no_mmap_reads_the_weights_into_memory(smollm2_gguf, mmap):
+    """--no-mmap reaches llama.cpp (its load_mode): the weights land in an ordinary buffer, not a
+    mapping of the file; the answer is the same either way."""
+    from infer_cli import llama_log
+
+    llama_log.install()
+    mark = llama_log.mark()
+    model = engine.Model(smollm2_gguf, engine.EngineOptions(mmap=mmap))
+    try:
+        buffers = [line for line in llama_log.since(mark) if "model buffer size" in line]
+        assert buffers and all(("CPU_Mapped" in line) == mmap for line in buffers), buffers
+        _, text, _ = _generate(_session(model), model.tokenize("The capital of France is"), n=6)
+        assert "Paris" in text
+    finally:
+        model.close()
