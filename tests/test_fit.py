@@ -247,18 +247,29 @@ def test_cli_fit_bad_gpu(infer, smollm2_gguf):
     assert r.returncode == 2 and "RTX 4090" in r.stderr
 
 
-def test_hub_repo_headers_only(hub, infer, smollm2_gguf, gemma3_gguf):
-    big = smollm2_gguf.read_bytes()
-    hub.add_repo("org/models-GGUF", {"model-Q4_1.gguf": big, "README.md": b"# card\n"})
+def test_hub_repo_headers_only(hub, infer, smollm2_gguf, smollm2_f16):
+    """Every quant of a repo is planned from its header alone (HTTP range requests), each with
+    its own weights: the F16 file plans about twice the RAM of the Q4_1 one."""
+    files = {"model-Q4_1.gguf": smollm2_gguf.read_bytes(), "model-F16.gguf": smollm2_f16.read_bytes()}
+    hub.add_repo("org/models-GGUF", {**files, "README.md": b"# card\n"})
     r = infer("fit", "org/models-GGUF", "--json", env={"HF_ENDPOINT": hub.url})
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
-    assert {row["quant"] for row in doc["matrix"]} == {"Q4_1"}
+    assert {row["quant"] for row in doc["matrix"]} == {"Q4_1", "F16"}
     assert {row["hardware"] for row in doc["matrix"]} >= {"RTX 4090", "CPU 16GB"}
-    gets = hub.file_gets("model-Q4_1.gguf")
-    assert gets and all(g.range for g in gets)
-    fetched = sum(int(g.range.split("-")[1]) - int(g.range.split("=")[1].split("-")[0]) + 1 for g in gets)
-    assert fetched < len(big) // 10
+    for name, data in files.items():
+        gets = hub.file_gets(name)
+        assert gets and all(g.range for g in gets)
+        fetched = sum(int(g.range.split("-")[1]) - int(g.range.split("=")[1].split("-")[0]) + 1
+                      for g in gets)
+        assert fetched < len(data) // 10
+    local = {"Q4_1": smollm2_gguf, "F16": smollm2_f16}
+    for row in doc["matrix"]:  # the remote headers give what the local files give
+        assert row["weights"] == fit.facts(read_gguf(local[row["quant"]])).weights_bytes
+        if row["hardware"] == "CPU 16GB":
+            assert row["verdict"] == "cpu" and row["largest_context"] > 0
+    w = {row["quant"]: row["weights"] for row in doc["matrix"]}
+    assert w["F16"] > 1.8 * w["Q4_1"]
 
 
 # --- CUDA rules, against a real run ---------------------------------------------------------
