@@ -95,7 +95,7 @@ def run(
     no_prompt_cache: Annotated[bool, typer.Option("--no-prompt-cache", help="Do not reuse or save prompt KV state on disk.")] = False,
     draft: Annotated[Optional[str], typer.Option("--draft", help="Speculative decoding with this draft model (same tokenizer); auto: the draft partner from models.toml.", show_default=False)] = None,
     lookup: Annotated[bool, typer.Option("--lookup", help="Speculative decoding with drafts looked up in the prompt and the text so far (no second model).")] = False,
-    draft_max: Annotated[int, typer.Option("--draft-max", help="Most tokens drafted per step (the length adapts to acceptance).")] = 16,
+    draft_max: Annotated[int, typer.Option("--draft-max", help="Most tokens drafted per step (a draft model stops sooner where it is unsure; lookup's length follows acceptance).")] = 16,
     draft_p_min: Annotated[float, typer.Option("--draft-p-min", help="A draft model stops drafting when its top choice is less likely than this (among its 10 best).")] = 0.5,
     revision: RevisionOpt = None,
     json_mode: JsonOpt = False,

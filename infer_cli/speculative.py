@@ -5,12 +5,14 @@ produced itself.
 Verification samples the target at every drafted position and accepts while its choice equals
 the draft's, so with greedy decoding the output is the target's own, and with sampling every
 token is drawn from the target's distribution. Both KV caches are rolled back past rejected
-tokens. The draft length follows recent acceptance; a draft model stops early when it is unsure;
-and when speculation costs more time per token than plain decoding, it turns itself off.
+tokens. A draft model drafts until it is unsure; lookup's draft length follows measured costs
+and acceptance; and when speculation costs more time per token than plain decoding, it turns
+itself off.
 """
 
 from __future__ import annotations
 
+import statistics
 import time
 from dataclasses import dataclass, field
 
@@ -99,16 +101,22 @@ class Speculator:
 
     It keeps running estimates of what things cost here (a plain target step, a drafted token,
     a verification batch as a function of its length) and of how often drafts are accepted,
-    and each round drafts the length that maximises expected tokens per second. When no length
-    beats plain decoding, it switches itself off for the rest of the run."""
+    and each round drafts the length that maximises expected tokens per second (a draft model
+    overrides that with its own confidence, see DraftModel). When recent rounds took longer per
+    token than a plain step, it switches itself off for the rest of the run."""
 
     draft_max: int = 16
     draft_min: int = 1
     stats: SpecStats = field(default=None)  # type: ignore[assignment]
     probe_plain: int = 2       # plain steps measured first, as the baseline
-    probe_rounds: int = 2      # speculative rounds before the first pays-or-not verdict
+    verdict_rounds: int = 8    # no pays-or-not verdict before this many rounds after the first
+    confirm_steps: int = 3     # plain steps that re-measure the baseline before a verdict of "off"
+    confirm_left: int = 0
+    judged_tokens: int = 0     # tokens and seconds of the rounds after the first (the verdict's
+    judged_s: float = 0.0      # evidence), including the time of drafts that came to nothing
+    plain_times: list = field(default_factory=list)  # the latest plain steps (seconds)
     n_draft: int = 4
-    t_plain: float = 0.0       # seconds for one plain step (EMA)
+    t_plain: float = 0.0       # seconds for one plain step (median of the latest)
     t_draft: float = 0.0       # seconds per drafted token after the first (EMA)
     t_overhead: float = 0.0    # seconds a round costs before its first draft (EMA)
     verify_slope: float = 0.0  # extra verification cost per drafted token, in plain steps (EMA)
@@ -131,9 +139,19 @@ class Speculator:
         st = self.stats
         if st.switched_off or st.plain_tokens < self.probe_plain or budget < 2:
             return self._plain(session, sampler, last)
+        if self.confirm_left:
+            out = self._plain(session, sampler, last)
+            self.confirm_left -= 1
+            if not self.confirm_left:
+                self._decide()
+            return out
         t0 = time.perf_counter()
         drafts = self.propose(session, last, min(self.n_draft, budget - 1))
         if not drafts:
+            wasted = time.perf_counter() - t0  # a draft model that was unsure from the start
+            st.spec_s += wasted
+            if st.rounds > 1:
+                self.judged_s += wasted
             return self._plain(session, sampler, last)
         t1 = time.perf_counter()
         overhead = self.last_overhead if self.last_overhead is not None else (t1 - t0) / len(drafts)
@@ -151,6 +169,7 @@ class Speculator:
         self._learn(len(drafts), overhead, t1 - t0 - overhead, t2 - t1)
         if st.rounds > 1:  # the first round pays one-time costs: learn from it, do not act on it
             self._choose()
+        self._verdict(len(out), t2 - t0)
         return out
 
     def _plain(self, session, sampler, last: int) -> list[int]:
@@ -161,7 +180,9 @@ class Speculator:
         st = self.stats
         st.plain_s += dt
         st.plain_tokens += 1
-        self.t_plain = dt if st.plain_tokens == 1 else 0.8 * self.t_plain + 0.2 * dt
+        self.plain_times.append(dt)
+        del self.plain_times[:-8]
+        self.t_plain = statistics.median(self.plain_times)
         return [tok]
 
     @staticmethod
@@ -211,16 +232,30 @@ class Speculator:
             self.n_draft = (min(self.draft_max, self.n_draft + 2) if not self.rejections_last_round
                             else max(self.draft_min, self.last_accepted + 1))
             return
-        best = max(range(self.draft_min, self.draft_max + 1), key=self.expected_rate)
-        self.n_draft = best
+        self.n_draft = max(range(self.draft_min, self.draft_max + 1), key=self.expected_rate)
+
+    def _verdict(self, tokens: int, seconds: float) -> None:
+        """Decide whether speculation pays, on what was measured: the time per token of every
+        round after the first (which pays one-time costs) against a plain step. Once there is
+        enough evidence and it looks slower, a few plain steps re-measure the baseline (one
+        early step that ran fast must not decide it), then ``_decide`` settles it for good."""
         st = self.stats
-        if st.rounds < self.probe_rounds or self.t_plain <= 0:
+        if st.rounds == 1 or self.reproducible:
             return
-        plain_rate = 1.0 / self.t_plain
-        if self.expected_rate(best) < plain_rate:
-            spec = st.spec_s / st.spec_tokens
-            st.switched_off = (f"speculation switched off: {spec * 1e3:.1f} ms a token against "
-                               f"{self.t_plain * 1e3:.1f} ms plain (acceptance {st.acceptance:.0%})")
+        self.judged_tokens += tokens
+        self.judged_s += seconds
+        if st.rounds - 1 < self.verdict_rounds:
+            return
+        if self.judged_s / self.judged_tokens > self.t_plain:
+            self.confirm_left = self.confirm_steps
+
+    def _decide(self) -> None:
+        per_token = self.judged_s / self.judged_tokens
+        if per_token > self.t_plain:
+            st = self.stats
+            st.switched_off = (f"speculation switched off: {per_token * 1e3:.1f} ms a token "
+                               f"against {self.t_plain * 1e3:.1f} ms plain "
+                               f"(acceptance {st.acceptance:.0%})")
 
 
 def verify(session, sampler, last: int, drafts: list[int]) -> list[int]:
@@ -254,6 +289,14 @@ class DraftModel(Speculator):
 
     def prepare(self, prompt: list[int]) -> None:
         self.draft_session.sync(prompt[:-1])  # the last prompt token comes with the first step
+        self.n_draft = self.draft_max
+
+    def _choose(self) -> None:
+        # A draft model's own confidence ends each draft where it becomes unsure (the threshold
+        # adapts, see _learn), which follows acceptance token by token: a fixed length from the
+        # average acceptance would cut confident runs short after a single rejection.
+        if self.reproducible:
+            super()._choose()
 
     def _learn(self, n: int, overhead_s: float, drafting_s: float, verify_s: float) -> None:
         super()._learn(n, overhead_s, drafting_s, verify_s)
@@ -269,8 +312,10 @@ class DraftModel(Speculator):
     def propose(self, session, last: int, k: int) -> list[int]:
         t0 = time.perf_counter()
         d = self.draft_session
-        d.sync(session.tokens)  # same prefix as the target (rolls back what was rejected)
-        d.decode_one(last)
+        # Same prefix as the target plus ``last``: rolls back what was rejected, and decodes
+        # what the draft has not seen (after a fully accepted round, its own last draft and
+        # the target's next token) in one batch.
+        d.sync([*session.tokens, last])
         drafts: list[int] = []
         threshold = self.p_min if self.p_now is None else self.p_now
         self.stopped_early = False

@@ -24,7 +24,7 @@ def _run(target_session, tokens, *, speculator=None, n=48, sampling=GREEDY):
 
 
 def _always_on(spec):
-    spec.probe_rounds = 10 ** 9  # these tests check correctness: never let timing switch it off
+    spec.verdict_rounds = 10 ** 9  # correctness tests: timing never decides
     return spec
 
 
@@ -152,8 +152,8 @@ def test_sampling_with_a_seed_is_reproducible_and_the_counts_add_up(gemma_pair):
     assert runs[0] == runs[1]
 
 
-def _costed(t_plain, t_draft, slope, accepted, rejections, rounds=3):
-    spec = speculative.DraftModel(stats=speculative.SpecStats("draft"), draft_max=16)
+def _costed(t_plain, t_draft, slope, accepted, rejections, rounds=3, kind=speculative.PromptLookup):
+    spec = kind(stats=speculative.SpecStats("draft"), draft_max=16)
     spec.t_plain, spec.t_draft, spec.t_overhead, spec.verify_slope = t_plain, t_draft, t_draft, slope
     st = spec.stats
     st.accepted, spec.rejections, st.rounds = accepted, rejections, rounds
@@ -161,16 +161,54 @@ def _costed(t_plain, t_draft, slope, accepted, rejections, rounds=3):
     return spec
 
 
+def _judge(spec, rounds, plain_after=None):
+    """Feed measured rounds (tokens, seconds) to the verdict; when it asks for plain steps to
+    re-measure the baseline, give it ``plain_after`` seconds a step and let it decide."""
+    for tokens, seconds in rounds:
+        spec.stats.rounds += 1
+        spec._verdict(tokens, seconds)
+        if spec.confirm_left:
+            spec.plain_times = [plain_after or spec.t_plain] * spec.confirm_steps
+            spec.t_plain = plain_after or spec.t_plain
+            spec.confirm_left = 0
+            spec._decide()
+        if spec.stats.switched_off:
+            return
+
+
 def test_speculation_switches_itself_off_when_it_does_not_pay():
-    # A draft nearly as slow as the target and half its drafts rejected: never pays.
-    slow = _costed(t_plain=0.010, t_draft=0.009, slope=0.2, accepted=5, rejections=5)
-    slow._choose()
-    assert slow.stats.switched_off and "switched off" in slow.stats.switched_off
-    # A cheap draft that is nearly always right: keeps going, with long drafts.
-    good = _costed(t_plain=0.018, t_draft=0.002, slope=0.05, accepted=95, rejections=5)
-    good._choose()
-    assert good.stats.switched_off is None and good.n_draft >= 8
-    assert good.expected_rate(good.n_draft) > 1.5 / good.t_plain
+    # Rounds that each took 3 plain steps' time for 2 tokens: off, but only once there is
+    # enough evidence (verdict_rounds rounds) and the re-measured plain step confirms it.
+    def slow():
+        return _costed(t_plain=0.010, t_draft=0.009, slope=0.2, accepted=5, rejections=5,
+                       rounds=1, kind=speculative.DraftModel)
+    spec = slow()
+    _judge(spec, [(2, 0.030)] * (spec.verdict_rounds - 1))
+    assert spec.stats.switched_off is None and not spec.confirm_left
+    _judge(spec, [(2, 0.030)])
+    assert spec.stats.switched_off and "switched off" in spec.stats.switched_off
+    # The same rounds, but plain steps re-measured at 20 ms (the first ones ran fast): stays on.
+    spec = slow()
+    _judge(spec, [(2, 0.030)] * spec.verdict_rounds, plain_after=0.020)
+    assert spec.stats.switched_off is None and spec.t_plain == 0.020
+    # Rounds of 10 tokens in 4 plain steps' time: never.
+    good = _costed(t_plain=0.010, t_draft=0.002, slope=0.05, accepted=95, rejections=5, rounds=1,
+                   kind=speculative.DraftModel)
+    _judge(good, [(10, 0.040)] * 3 * good.verdict_rounds)
+    assert good.stats.switched_off is None
+    # A bad stretch after a good start counts against all the evidence, not a short window.
+    _judge(good, [(1, 0.030)] * 8)
+    assert good.stats.switched_off is None
+    _judge(good, [(1, 0.030)] * 200)
+    assert good.stats.switched_off
+
+
+def test_a_draft_model_drafts_until_unsure_not_a_fixed_length():
+    spec = _costed(t_plain=0.018, t_draft=0.012, slope=0.4, accepted=5, rejections=5,
+                   kind=speculative.DraftModel)
+    spec.n_draft = spec.draft_max
+    spec._choose()  # low acceptance does not shorten it: the draft's own confidence does
+    assert spec.n_draft == spec.draft_max
 
 
 def test_draft_length_follows_acceptance():
