@@ -12,6 +12,7 @@ itself off.
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -109,11 +110,13 @@ class Speculator:
     draft_min: int = 1
     stats: SpecStats = field(default=None)  # type: ignore[assignment]
     probe_plain: int = 2       # plain steps measured first, as the baseline
-    verdict_rounds: int = 8    # no pays-or-not verdict before this many rounds after the first
+    verdict_rounds: int = 4    # no pays-or-not verdict before this many rounds after the first
+    verdict_margin: float = 0.5  # "slower" means by more than margin / sqrt(rounds judged)
     confirm_steps: int = 3     # plain steps that re-measure the baseline before a verdict of "off"
     confirm_left: int = 0
-    judged_tokens: int = 0     # tokens and seconds of the rounds after the first (the verdict's
-    judged_s: float = 0.0      # evidence), including the time of drafts that came to nothing
+    judged_rounds: int = 0     # the rounds after the first, their tokens and seconds (the
+    judged_tokens: int = 0     # verdict's evidence), including the time of drafts that came to
+    judged_s: float = 0.0      # nothing
     plain_times: list = field(default_factory=list)  # the latest plain steps (seconds)
     n_draft: int = 4
     t_plain: float = 0.0       # seconds for one plain step (median of the latest)
@@ -236,24 +239,30 @@ class Speculator:
 
     def _verdict(self, tokens: int, seconds: float) -> None:
         """Decide whether speculation pays, on what was measured: the time per token of every
-        round after the first (which pays one-time costs) against a plain step. Once there is
-        enough evidence and it looks slower, a few plain steps re-measure the baseline (one
-        early step that ran fast must not decide it), then ``_decide`` settles it for good."""
+        round after the first (which pays one-time costs) against a plain step.
+
+        Switching off is for good, and the first rounds of an answer are its least predictable,
+        so "slower" must be clear: by more than verdict_margin / sqrt(rounds judged), 25% after
+        four rounds, 9% after thirty. Then a few plain steps re-measure the baseline (an early
+        step that ran fast must not decide it) and ``_decide`` settles it."""
         st = self.stats
         if st.rounds == 1 or self.reproducible:
             return
+        self.judged_rounds += 1
         self.judged_tokens += tokens
         self.judged_s += seconds
-        if st.rounds - 1 < self.verdict_rounds:
-            return
-        if self.judged_s / self.judged_tokens > self.t_plain:
+        if self.judged_rounds >= self.verdict_rounds and self._slower():
             self.confirm_left = self.confirm_steps
 
-    def _decide(self) -> None:
+    def _slower(self) -> bool:
         per_token = self.judged_s / self.judged_tokens
-        if per_token > self.t_plain:
+        return per_token > self.t_plain * (1 + self.verdict_margin / math.sqrt(self.judged_rounds))
+
+    def _decide(self) -> None:
+        if self._slower():
             st = self.stats
-            st.switched_off = (f"speculation switched off: {per_token * 1e3:.1f} ms a token "
+            st.switched_off = (f"speculation switched off: "
+                               f"{self.judged_s / self.judged_tokens * 1e3:.1f} ms a token "
                                f"against {self.t_plain * 1e3:.1f} ms plain "
                                f"(acceptance {st.acceptance:.0%})")
 
