@@ -541,6 +541,8 @@ def plan(info_or_model, hardware: Hardware, options: Options = Options(), *,
     if draft is not None:
         dm = draft if isinstance(draft, Model) else facts(draft)
         d = plan(dm, hardware, replace(options, gpu_layers=options.gpu_layers and dm.n_layer + 1))
+        # one process: the runtime (interpreter, libraries) is counted once, with the target
+        d.cpu.overhead = max(0, d.cpu.overhead - RUNTIME_RSS)
     hw = hardware
     if d is not None:  # the target gets what the draft leaves
         hw = replace(hardware, ram=hardware.ram - int(d.cpu.total / (1 - RAM_MARGIN)),

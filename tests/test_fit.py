@@ -193,6 +193,15 @@ def test_draft_adds_its_memory(llama8b, smollm2_gguf):
     assert both.gpu_layers <= alone.gpu_layers
 
 
+def test_a_cpu_draft_adds_its_memory_but_not_a_second_runtime(smollm2_gguf, gemma3_gguf):
+    o = fit.Options(n_ctx=4096)
+    target, draft = fit.plan(read_gguf(gemma3_gguf), CPU, o), fit.plan(read_gguf(smollm2_gguf), CPU, o)
+    both = fit.plan(read_gguf(gemma3_gguf), CPU, o, draft=read_gguf(smollm2_gguf))
+    assert both.draft.cpu.total == draft.cpu.total - fit.RUNTIME_RSS
+    assert both.cpu.total == target.cpu.total
+    assert both.draft.cpu.overhead > 0  # its llama.cpp state and tokenizer remain
+
+
 def test_options_rejected():
     with pytest.raises(BadOption):
         fit.Options(cache_type_v="q8_0", flash_attn="off").check()
