@@ -103,8 +103,8 @@ class Speculator:
     It keeps running estimates of what things cost here (a plain target step, a drafted token,
     a verification batch as a function of its length) and of how often drafts are accepted,
     and each round drafts the length that maximises expected tokens per second (a draft model
-    overrides that with its own confidence, see DraftModel). When recent rounds took longer per
-    token than a plain step, it switches itself off for the rest of the run."""
+    overrides that with its own confidence, see DraftModel). When its rounds so far clearly took
+    longer per token than a plain step, it switches itself off for the rest of the run."""
 
     draft_max: int = 16
     draft_min: int = 1
