@@ -308,10 +308,10 @@ class DraftModel(Speculator):
             super()._choose()
 
     def _learn(self, n: int, overhead_s: float, drafting_s: float, verify_s: float) -> None:
-        super()._learn(n, overhead_s, drafting_s, verify_s)
-        # How unsure a draft may be before it stops depends on the pair: when it stopped early
-        # and the target took every draft anyway, the stop was needless, so lower the bar;
-        # after a rejection, raise it back toward --draft-p-min.
+        # No cost model here (see _choose), only the stopping bar. How unsure a draft may be
+        # before it stops depends on the pair: when it stopped early and the target took every
+        # draft anyway, the stop was needless, so lower the bar; after a rejection, raise it
+        # back toward --draft-p-min.
         p = self.p_min if self.p_now is None else self.p_now
         if self.rejections_last_round:
             self.p_now = min(self.p_min, p * 2)
@@ -319,7 +319,6 @@ class DraftModel(Speculator):
             self.p_now = max(self.p_floor, p / 2)
 
     def propose(self, session, last: int, k: int) -> list[int]:
-        t0 = time.perf_counter()
         d = self.draft_session
         # Same prefix as the target plus ``last``: rolls back what was rejected, and decodes
         # what the draft has not seen (after a fully accepted round, its own last draft and
@@ -330,8 +329,6 @@ class DraftModel(Speculator):
         self.stopped_early = False
         for i in range(k):
             tok, p = d.top(-1)
-            if i == 0:
-                self.last_overhead = time.perf_counter() - t0
             if p < threshold:
                 self.stopped_early = True
                 break

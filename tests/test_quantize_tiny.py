@@ -44,10 +44,29 @@ def _tokenizer(split: str, specials: list[str], nfc: bool):
     return tok
 
 
-def _checkpoint(folder: Path, kind: str) -> tuple[Path, dict]:
+def _draws(seed: int):
+    """Random weights rounded to F16, so the F16 GGUF holds exactly these values."""
+    rng = np.random.default_rng(seed)
+
+    def w(*shape, s=0.15):
+        return (rng.standard_normal(shape) * s).astype(np.float16).astype(np.float32)
+    return w
+
+
+def _save(folder: Path, t: dict, cfg: dict, tokenizer_config: dict, files: dict[str, bytes]) -> None:
+    """A Hugging Face checkpoint folder: F16 matrices (F32 vectors), config, tokenizer files."""
     from quantize.safetensors_io import write
 
-    rng = np.random.default_rng({"llama3": 7, "qwen2": 11}.get(kind, 13))
+    folder.mkdir(parents=True)
+    write(folder / "model.safetensors", {k: v.astype(np.float16) if v.ndim == 2 else v for k, v in t.items()})
+    (folder / "config.json").write_text(json.dumps(cfg))
+    (folder / "tokenizer_config.json").write_text(json.dumps(tokenizer_config))
+    for name, data in files.items():
+        (folder / name).write_bytes(data)
+
+
+def _checkpoint(folder: Path, kind: str) -> tuple[Path, dict]:
+    w = _draws({"llama3": 7, "qwen2": 11}.get(kind, 13))
     if kind == "llama3":
         tok = _tokenizer(LLAMA3_SPLIT, ["<|begin_of_text|>", "<|end_of_text|>"], False)
         cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "rope_theta": 10000.0,
@@ -70,9 +89,6 @@ def _checkpoint(folder: Path, kind: str) -> tuple[Path, dict]:
                 "intermediate_size": ff, "num_hidden_layers": n_layer, "vocab_size": n_vocab,
                 "max_position_embeddings": 256, "rms_norm_eps": 1e-5})
 
-    def w(*shape, s=0.15):  # rounded to F16, so the F16 GGUF holds exactly these values
-        return (rng.standard_normal(shape) * s).astype(np.float16).astype(np.float32)
-
     t = {"model.embed_tokens.weight": w(n_vocab, d, s=0.5), "model.norm.weight": 1 + w(d, s=0.1)}
     if not cfg["tie_word_embeddings"]:
         t["lm_head.weight"] = w(n_vocab, d, s=0.3)
@@ -88,11 +104,7 @@ def _checkpoint(folder: Path, kind: str) -> tuple[Path, dict]:
                   p + "self_attn.v_proj.bias": w(n_kv * hd, s=0.3)}
         if kind == "qwen3":
             t |= {p + "self_attn.q_norm.weight": 1 + w(hd, s=0.2), p + "self_attn.k_norm.weight": 1 + w(hd, s=0.2)}
-    folder.mkdir(parents=True)
-    write(folder / "model.safetensors", {k: v.astype(np.float16) if v.ndim == 2 else v for k, v in t.items()})
-    (folder / "config.json").write_text(json.dumps(cfg))
-    (folder / "tokenizer_config.json").write_text(json.dumps(tcfg))
-    tok.save(str(folder / "tokenizer.json"))
+    _save(folder, t, cfg, tcfg, {"tokenizer.json": tok.to_str().encode()})
     return folder, t
 
 
@@ -225,13 +237,12 @@ GEMMA_PIECES = (sorted({c for w in _WORDS for c in w})
 def _gemma2_checkpoint(folder: Path) -> tuple[Path, dict, dict]:
     """Gemma 2 in miniature: a SentencePiece vocabulary (controls, <unk>, byte fallback, words),
     two layers (the first with a 6-token sliding window), strong soft-capping so that it shows."""
-    from quantize.safetensors_io import write
     from tests.quantize_export import sentencepiece_model
 
     tokens = ["<pad>", "<eos>", "<bos>", "<unk>"] + [f"<0x{b:02X}>" for b in range(256)] + GEMMA_PIECES
     types = [3, 3, 3, 2] + [6] * 256 + [1] * (len(GEMMA_PIECES) - 2) + [3, 3]
     scores = [0.0] * 260 + [float(len(t)) for t in GEMMA_PIECES[:-2]] + [0.0, 0.0]
-    rng = np.random.default_rng(17)
+    w = _draws(17)
     n_vocab, d, nh, nkv, hd, ff = len(tokens), 64, 4, 2, 16, 96
     cfg = {"architectures": ["Gemma2ForCausalLM"], "model_type": "gemma2", "hidden_size": d,
            "intermediate_size": ff, "num_hidden_layers": 2, "num_attention_heads": nh,
@@ -240,9 +251,6 @@ def _gemma2_checkpoint(folder: Path) -> tuple[Path, dict, dict]:
            "sliding_window": 6, "attn_logit_softcapping": 2.0, "final_logit_softcapping": 3.0,
            "query_pre_attn_scalar": hd, "hidden_activation": "gelu_pytorch_tanh",
            "tie_word_embeddings": True}
-
-    def w(*shape, s=0.15):
-        return (rng.standard_normal(shape) * s).astype(np.float16).astype(np.float32)
 
     t = {"model.embed_tokens.weight": w(n_vocab, d, s=0.5), "model.norm.weight": w(d, s=0.1)}
     for i in range(2):
@@ -254,13 +262,9 @@ def _gemma2_checkpoint(folder: Path) -> tuple[Path, dict, dict]:
               p + "self_attn.v_proj.weight": w(nkv * hd, d), p + "self_attn.o_proj.weight": w(d, nh * hd),
               p + "mlp.gate_proj.weight": w(ff, d), p + "mlp.up_proj.weight": w(ff, d),
               p + "mlp.down_proj.weight": w(d, ff)}
-    folder.mkdir(parents=True)
-    write(folder / "model.safetensors", {k: v.astype(np.float16) if v.ndim == 2 else v for k, v in t.items()})
-    (folder / "config.json").write_text(json.dumps(cfg))
-    (folder / "tokenizer.model").write_bytes(sentencepiece_model(tokens, scores, types))
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>", "pad_token": "<pad>",
-        "add_bos_token": True, "add_eos_token": False}))
+    _save(folder, t, cfg, {"bos_token": "<bos>", "eos_token": "<eos>", "unk_token": "<unk>",
+                           "pad_token": "<pad>", "add_bos_token": True, "add_eos_token": False},
+          {"tokenizer.model": sentencepiece_model(tokens, scores, types)})
     return folder, t, cfg
 
 
@@ -379,20 +383,16 @@ def _spm_reference(text: str, tokens: list[str], scores: list[float]) -> list[in
 
 
 def _llama2_checkpoint(folder: Path) -> tuple[Path, dict, dict]:
-    from quantize.safetensors_io import write
     from tests.quantize_export import sentencepiece_model
 
     tokens, scores, types = _llama2_vocab()
-    rng = np.random.default_rng(23)
+    w = _draws(23)
     n_vocab, d, nh, ff, n_layer = len(tokens), 64, 4, 96, 2
     cfg = {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": d,
            "intermediate_size": ff, "num_hidden_layers": n_layer, "num_attention_heads": nh,
            "num_key_value_heads": nh, "max_position_embeddings": 256, "rms_norm_eps": 1e-5,
            "rope_theta": 10000.0, "vocab_size": n_vocab, "bos_token_id": 1, "eos_token_id": 2,
            "tie_word_embeddings": False}
-
-    def w(*shape, s=0.15):
-        return (rng.standard_normal(shape) * s).astype(np.float16).astype(np.float32)
 
     t = {"model.embed_tokens.weight": w(n_vocab, d, s=0.5), "model.norm.weight": 1 + w(d, s=0.1),
          "lm_head.weight": w(n_vocab, d, s=0.3)}
@@ -403,16 +403,13 @@ def _llama2_checkpoint(folder: Path) -> tuple[Path, dict, dict]:
               p + "self_attn.v_proj.weight": w(d, d), p + "self_attn.o_proj.weight": w(d, d),
               p + "mlp.gate_proj.weight": w(ff, d), p + "mlp.up_proj.weight": w(ff, d),
               p + "mlp.down_proj.weight": w(d, ff)}
-    folder.mkdir(parents=True)
-    write(folder / "model.safetensors", {k: v.astype(np.float16) if v.ndim == 2 else v for k, v in t.items()})
-    (folder / "config.json").write_text(json.dumps(cfg))
-    (folder / "tokenizer.model").write_bytes(sentencepiece_model(tokens, scores, types))
     # Llama-2-7b-hf's tokenizer_config.json, abridged (no add_prefix_space: llama.cpp's default)
-    (folder / "tokenizer_config.json").write_text(json.dumps({
-        "add_bos_token": True, "add_eos_token": False, "legacy": False, "pad_token": None,
-        "bos_token": {"content": "<s>"}, "eos_token": {"content": "</s>"}, "unk_token": {"content": "<unk>"},
-        "tokenizer_class": "LlamaTokenizer",
-        "added_tokens_decoder": {str(i): {"content": c, "special": True} for i, c in enumerate(["<unk>", "<s>", "</s>"])}}))
+    tcfg = {"add_bos_token": True, "add_eos_token": False, "legacy": False, "pad_token": None,
+            "bos_token": {"content": "<s>"}, "eos_token": {"content": "</s>"}, "unk_token": {"content": "<unk>"},
+            "tokenizer_class": "LlamaTokenizer",
+            "added_tokens_decoder": {str(i): {"content": c, "special": True}
+                                     for i, c in enumerate(["<unk>", "<s>", "</s>"])}}
+    _save(folder, t, cfg, tcfg, {"tokenizer.model": sentencepiece_model(tokens, scores, types)})
     return folder, t, cfg
 
 
