@@ -16,7 +16,7 @@ src=$root/src
 build=$src/build
 bin=$build/bin
 targets=(llama-bench llama-completion llama-speculative-simple llama-quantize llama-perplexity
-         llama-batched-bench)
+         llama-batched-bench llama-server)
 
 # The same ggml configuration as llama-cpp-python's own build. Its CMakeLists.txt, on Linux/x86,
 # only forces BUILD_SHARED_LIBS=ON, LLAMA_BUILD_COMMON=ON and LLAMA_CURL=OFF; scikit-build-core
@@ -31,11 +31,17 @@ cmake_args=(
   -DLLAMA_CURL=OFF
   -DLLAMA_OPENSSL=OFF
   -DLLAMA_BUILD_TESTS=OFF
-  -DLLAMA_BUILD_SERVER=OFF
+  -DLLAMA_BUILD_SERVER=ON
   -DLLAMA_BUILD_EXAMPLES=ON
   -DLLAMA_BUILD_TOOLS=ON
   -DLLAMA_BUILD_COMMON=ON
 )
+# As scripts/setup.sh builds the wheel: no AMX kernels on x86-64 (a hypervisor that advertises
+# AMX without providing its tile state kills the process at the first AMX matrix multiply).
+if [ "$(uname -m)" = x86_64 ]; then
+  cmake_args+=("-DCMAKE_C_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16"
+               "-DCMAKE_CXX_FLAGS=-mno-amx-tile -mno-amx-int8 -mno-amx-bf16")
+fi
 # shellcheck disable=SC2206
 extra=(${NATIVE_CMAKE_ARGS:-})
 

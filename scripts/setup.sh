@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Idempotent set-up: a virtual environment in .venv with infer installed (editable) and
 # llama.cpp compiled through llama-cpp-python. Seconds when already done; about ten minutes on
-# two cores the first time (pip then keeps the built wheel in its cache).
+# two cores the first time (the built wheel is kept in .cache/wheels).
 #
-#   CMAKE_ARGS="-DGGML_CUDA=on" scripts/setup.sh    # a CUDA build (after `rm -rf .venv`)
+#   CMAKE_ARGS="-DGGML_CUDA=on" scripts/setup.sh    # a CUDA build (after `rm -rf .venv .cache/wheels`)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -20,8 +20,25 @@ if ! "$python" -c 'import sys; sys.exit(sys.version_info < (3, 10))'; then
 fi
 [ -x .venv/bin/python ] || "$python" -m venv .venv
 .venv/bin/python -m pip install --quiet --disable-pip-version-check --upgrade pip
-echo "Installing infer and building llama.cpp (about 10 minutes the first time)..." >&2
-# No multimodal library: infer runs text models only.
-CMAKE_ARGS="-DLLAVA_BUILD=OFF ${CMAKE_ARGS:-}" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc 2>/dev/null || echo 2)" \
-  .venv/bin/python -m pip install --quiet --disable-pip-version-check -e ".[test]"
+pin=$(sed -n 's/^ *"\(llama-cpp-python==[^"]*\)".*/\1/p' pyproject.toml)
+# No multimodal library: infer runs text models only. On x86-64, no AMX kernels: -march=native
+# turns them on wherever the CPU advertises AMX, and on virtual machines whose hypervisor does
+# not really provide the tile state, the first AMX matrix multiply (Q4_0/Q4_1/Q8_0 weights)
+# kills the process with a general protection fault.
+flags="-DLLAVA_BUILD=OFF"
+if [ "$(uname -m)" = x86_64 ]; then
+  flags="$flags -DCMAKE_C_FLAGS=-mno-amx-tile\ -mno-amx-int8\ -mno-amx-bf16"
+  flags="$flags -DCMAKE_CXX_FLAGS=-mno-amx-tile\ -mno-amx-int8\ -mno-amx-bf16"
+fi
+mkdir -p .cache/wheels
+if ! ls .cache/wheels/llama_cpp_python-*.whl >/dev/null 2>&1; then
+  echo "Building llama.cpp through $pin (about 10 minutes the first time)..." >&2
+  # Built here, never from pip's cache: a cached wheel may carry other build flags.
+  CMAKE_ARGS="$flags ${CMAKE_ARGS:-}" CMAKE_BUILD_PARALLEL_LEVEL="$(nproc 2>/dev/null || echo 2)" \
+    .venv/bin/python -m pip wheel --quiet --disable-pip-version-check --no-cache-dir --no-deps \
+    -w .cache/wheels "$pin"
+fi
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --find-links .cache/wheels \
+  --force-reinstall --no-deps .cache/wheels/llama_cpp_python-*.whl
+.venv/bin/python -m pip install --quiet --disable-pip-version-check --find-links .cache/wheels -e ".[test]"
 echo "$want" > "$stamp"
