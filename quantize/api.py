@@ -10,9 +10,10 @@ from pathlib import Path
 from typing import Callable
 
 from infer_cli.errors import BadOption, UnknownQuantType
+from infer_cli.files import temp_path
 
 from . import hub_source
-from .llama_quant import QuantOptions, QuantResult, TensorProgress, quantize, temp_path
+from .llama_quant import QuantOptions, QuantResult, TensorProgress, quantize
 from .types import CONVERT_TYPES, QuantType, lookup, names
 
 # (what is being made, tensors done, tensors in all)
@@ -66,6 +67,7 @@ class Plan:
     outputs: list[Path] = field(default_factory=list)
     name: str | None = None       # output base name when the source folder's is meaningless
     repo_id: str | None = None    # the hub repo the checkpoint came from
+    converted: Path | None = None  # the unquantized GGUF ``run`` converted the checkpoint to
 
 
 def make_plan(source: str, targets: list[QuantType], outdir: Path | None,
@@ -106,8 +108,9 @@ def make_plan(source: str, targets: list[QuantType], outdir: Path | None,
 
 def run(plan: Plan, opts: QuantOptions, *, progress: Progress | None = None,
         converted: Callable[[Path], None] | None = None) -> tuple[list[QuantResult], Path | None]:
-    """Make every target of ``plan``. Returns the results and the unquantized GGUF a checkpoint
-    was converted to (kept only when it is itself a target; else the caller may use it as the
+    """Make every target of ``plan``. A checkpoint is converted once, to the first of F32, F16
+    and BF16 among the targets or else to a scratch F16, and ``plan.converted`` names that file.
+    Returns the results and the scratch file when there is one (the caller may use it as the
     report's reference and must delete it with ``discard``)."""
     from .llama_quant import check_request
 
@@ -123,11 +126,12 @@ def run(plan: Plan, opts: QuantOptions, *, progress: Progress | None = None,
                          lookup("F16"))
         dst = output_path(Path(plan.name or plan.source), plan.outdir, base_type)
         is_target = base_type in plan.targets
-        tmp_base = dst if is_target else temp_path(dst).with_suffix(".base.gguf")
+        tmp_base = dst if is_target else temp_path(dst, ".base.gguf")
         res = convert_checkpoint(plan.source, tmp_base, base_type.name, name=plan.name,
                                  progress=_bind(progress, f"convert {base_type.name}"))
         if is_target:
             results.append(res)
+        plan.converted = tmp_base
         if converted:
             converted(tmp_base)
         base = tmp_base
@@ -143,6 +147,13 @@ def run(plan: Plan, opts: QuantOptions, *, progress: Progress | None = None,
         raise
     return results, (base if plan.kind == "checkpoint" and base not in [r.path for r in results]
                      else None)
+
+
+def default_reference(plan: Plan) -> Path:
+    """What the report measures the outputs against when no other reference is given, after
+    ``run``: the unquantized GGUF a checkpoint was converted to (itself one of the outputs when
+    F32, F16 or BF16 was asked for), else the source GGUF."""
+    return plan.converted or plan.source
 
 
 def discard(path: Path | None) -> None:

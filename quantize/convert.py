@@ -11,15 +11,15 @@ SentencePiece tokenizer.model.
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from infer_cli.errors import BadCheckpoint, UnsupportedArchitecture
+from infer_cli.files import atomic_output
 
-from .llama_quant import QuantResult, check_disk, temp_path
+from .llama_quant import QuantResult, check_disk
 from .safetensors_io import TensorRef, load_f32, read_header
 
 
@@ -218,9 +218,8 @@ def convert_checkpoint(folder: Path, dst: Path, out_type: str = "F16", *, name: 
     bpw = {"F32": 32, "F16": 16, "BF16": 16, "Q8_0": 8.5}[out_type]
     n_params = sum(_count(r.shape) for _, r in plan)
     check_disk(dst.parent, int(n_params * bpw / 8) + (64 << 20))
-    tmp = temp_path(dst)
     t0 = time.perf_counter()
-    try:
+    with atomic_output(dst) as tmp:
         w = gguf.GGUFWriter(str(tmp), fam.arch)
         _metadata(w, fam, config, name or folder.name, out_type)
         tok.write(w)
@@ -252,10 +251,6 @@ def convert_checkpoint(folder: Path, dst: Path, out_type: str = "F16", *, name: 
             if progress:
                 progress(i + 1, len(plan))
         w.close()
-        os.replace(tmp, dst)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
     return QuantResult(dst, out_type, time.perf_counter() - t0, dst.stat().st_size, n_params)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Callable
 
 from infer_cli import paths
-from infer_cli.errors import BadCheckpoint, DownloadFailed, NotCachedOffline
+from infer_cli.errors import BadCheckpoint, NotCachedOffline
 
 REPO_ID = re.compile(r"[\w.-]+/[\w.-]+")
 
@@ -32,18 +32,15 @@ def _wanted(filename: str) -> bool:
 def fetch_checkpoint(repo_id: str, revision: str | None = None,
                      progress: Callable[[str, int, int], None] | None = None) -> Path:
     """The snapshot folder holding ``repo_id``'s checkpoint files, downloaded when needed (through
-    infer_cli.hub: resumable, sha256-checked, into huggingface_hub's cache layout).
+    infer_cli.models.hub: resumable, sha256-checked, into huggingface_hub's cache layout).
 
     Raises RepoNotFound, NotCachedOffline, DownloadFailed (and the other typed errors of
     ``hub.pull``), or BadCheckpoint when the repository holds no config.json."""
-    from infer_cli import hub
+    from infer_cli.models import hub
 
     if paths.hf_offline():
         return _cached(repo_id, revision)
-    try:
-        commit, files = hub._list_repo(repo_id, revision or hub.DEFAULT_REVISION, None)
-    except hub._Unreachable as e:
-        raise DownloadFailed(repo_id, e.reason) from None
+    commit, files = hub.list_repo_files(repo_id, revision or hub.DEFAULT_REVISION)
     chosen = [f for f in files if _wanted(f.filename)]
     if not any(f.filename == "config.json" for f in chosen):
         raise BadCheckpoint(repo_id, "the repository has no config.json (not a Hugging Face "
@@ -57,11 +54,9 @@ def fetch_checkpoint(repo_id: str, revision: str | None = None,
 
 def _cached(repo_id: str, revision: str | None) -> Path:
     """Offline: the newest cached snapshot (the one the revision points at first) with a config.json."""
-    from infer_cli import hub
+    from infer_cli.models import hub
 
-    storage = hub._storage(repo_id)
-    for commit in hub._candidate_commits(storage, revision):
-        snap = storage / "snapshots" / commit
+    for snap in hub.cached_snapshots(repo_id, revision):
         if (snap / "config.json").is_file() and any(snap.glob("*.safetensors")):
             return snap
     raise NotCachedOffline(f"checkpoint {repo_id}")

@@ -9,7 +9,6 @@ log to report progress.
 from __future__ import annotations
 
 import ctypes
-import os
 import re
 import threading
 import time
@@ -17,9 +16,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
 
-from infer_cli import llama_log
+from infer_cli import ggml
+from infer_cli.engine import llama_log
 from infer_cli.errors import BadOption, NotEnoughDisk, QuantizeFailed, QuantizeRefused
-from infer_cli.gguf_info import read_gguf
+from infer_cli.files import atomic_output, free_bytes
+from infer_cli.models.gguf_info import read_gguf
 
 from .types import GGML_TYPES, QuantType
 
@@ -27,7 +28,6 @@ from .types import GGML_TYPES, QuantType
 TensorProgress = Callable[[int, int], None]
 
 _TENSOR_LINE = re.compile(r"^\[\s*(\d+)/\s*(\d+)\]")
-_FLOAT_TYPES = {0, 1, 30}  # F32, F16, BF16: rewriting these loses nothing new
 
 
 @dataclass(frozen=True)
@@ -62,7 +62,7 @@ class QuantResult:
 def is_quantized(src: Path) -> bool:
     """True when any 2-D weight of ``src`` is stored in a quantized format."""
     info = read_gguf(src)
-    return any(t.ggml_type not in _FLOAT_TYPES for t in info.tensors if len(t.shape) >= 2)
+    return any(t.ggml_type not in ggml.FLOAT_TYPES for t in info.tensors if len(t.shape) >= 2)
 
 
 def estimate_size(src: Path, qtype: QuantType) -> int:
@@ -74,8 +74,6 @@ def estimate_size(src: Path, qtype: QuantType) -> int:
 
 
 def check_disk(folder: Path, needed: int) -> None:
-    from infer_cli.store import free_bytes
-
     free = free_bytes(folder)
     if free < needed:
         raise NotEnoughDisk(str(folder), needed, free)
@@ -110,10 +108,6 @@ def check_request(src_quantized: bool, qtype: QuantType, opts: QuantOptions) -> 
     return warnings
 
 
-def temp_path(dst: Path) -> Path:
-    return dst.with_name(f".{dst.name}.{os.getpid()}.partial")
-
-
 class _Native:
     """The C structures handed to llama.cpp, kept alive for the duration of the call."""
 
@@ -125,9 +119,9 @@ class _Native:
         p.pure = opts.pure
         p.quantize_output_tensor = not opts.keep_output_tensor
         if opts.output_tensor_type:
-            p.output_tensor_type = GGML_TYPES[opts.output_tensor_type.upper()]
+            p.output_tensor_type = ggml.type_id(opts.output_tensor_type)
         if opts.token_embedding_type:
-            p.token_embedding_type = GGML_TYPES[opts.token_embedding_type.upper()]
+            p.token_embedding_type = ggml.type_id(opts.token_embedding_type)
         self.keep: list = []
         if opts.tensor_types:
             n = len(opts.tensor_types)
@@ -136,9 +130,9 @@ class _Native:
                 b = pattern.encode()
                 self.keep.append(b)
                 arr[i].pattern = b
-                arr[i].type = GGML_TYPES[tname.upper()]
+                arr[i].type = ggml.type_id(tname)
             arr[n].pattern = None
-            arr[n].type = 43  # GGML_TYPE_COUNT terminates the list
+            arr[n].type = ggml.TYPE_COUNT  # terminates the list
             self.keep.append(arr)
             p.tt_overrides = ctypes.cast(arr, type(p.tt_overrides))
         if opts.imatrix is not None:
@@ -172,32 +166,27 @@ def quantize(src: Path, dst: Path, qtype: QuantType, opts: QuantOptions = QuantO
     native = _Native(L, qtype, opts)
     llama_log.install()
     L.llama_backend_init()
-    tmp = temp_path(dst)
     mark = llama_log.mark()
     outcome: dict = {}
-
-    def work() -> None:
-        try:
-            outcome["rc"] = L.llama_model_quantize(str(src).encode(), str(tmp).encode(),
-                                                   ctypes.byref(native.params))
-        except BaseException as e:  # noqa: BLE001 - reported to the waiting thread
-            outcome["error"] = e
-
     t0 = time.perf_counter()
-    worker = threading.Thread(target=work, daemon=True, name="llama-quantize")
-    try:
+    # Interrupted or failed: the partial file goes. (A worker still writing keeps an unlinked
+    # inode, gone when the process exits.)
+    with atomic_output(dst) as tmp:
+
+        def work() -> None:
+            try:
+                outcome["rc"] = L.llama_model_quantize(str(src).encode(), str(tmp).encode(),
+                                                       ctypes.byref(native.params))
+            except BaseException as e:  # noqa: BLE001 - reported to the waiting thread
+                outcome["error"] = e
+
+        worker = threading.Thread(target=work, daemon=True, name="llama-quantize")
         worker.start()
         _watch(worker, mark, progress)
         if "error" in outcome:
             raise QuantizeFailed(str(src), str(outcome["error"]))
         if outcome.get("rc", 1) != 0 or not tmp.exists():
             raise _failure(src, qtype, llama_log.since(mark))
-        os.replace(tmp, dst)
-    finally:
-        # Interrupted or failed: the partial file goes. (A worker still writing keeps an
-        # unlinked inode, gone when the process exits.)
-        if tmp.exists():
-            tmp.unlink()
     seconds = time.perf_counter() - t0
     return QuantResult(dst, qtype.name, seconds, dst.stat().st_size, read_gguf(dst).n_params,
                        requant, warnings)

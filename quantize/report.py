@@ -72,9 +72,9 @@ class _Scorer:
     """A model with a context that returns logits for every position of a chunk."""
 
     def __init__(self, path: Path, n_ctx: int, threads: int | None):
-        from infer_cli.engine import EngineOptions, Model, Session
+        from infer_cli.engine import Options, Model, Session
 
-        opts = EngineOptions(n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, threads=threads,
+        opts = Options(n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, threads=threads,
                              warmup=False)
         self.model = Model(path, opts)
         self.session = Session(self.model, opts)
@@ -102,9 +102,9 @@ class _Scorer:
 def chunks(path: Path, text: str, n_tokens: int, n_ctx: int) -> list[list[int]]:
     """The evaluation text as chunks of ``n_ctx`` tokens, each starting with BOS when the model
     uses one (as llama-perplexity does)."""
-    from infer_cli.engine import EngineOptions, Model
+    from infer_cli.engine import Options, Model
 
-    model = Model(path, EngineOptions(n_ctx=n_ctx, warmup=False))
+    model = Model(path, Options(n_ctx=n_ctx, warmup=False))
     try:
         toks = model.tokenize(text, add_special=False, parse_special=False)
         bos = model.L.llama_vocab_bos(model.vocab)
@@ -172,9 +172,9 @@ class Reference:
 
 def decode_speed(path: Path, n_tokens: int = 64, threads: int | None = None) -> float:
     """Greedy decode tokens/s after a short prompt, through the engine."""
-    from infer_cli.engine import EngineOptions, Model, Request, Sampling, Session, stream
+    from infer_cli.engine import Options, Model, Request, Sampling, Session, stream
 
-    opts = EngineOptions(n_ctx=512, threads=threads)
+    opts = Options(n_ctx=512, threads=threads)
     model = Model(path, opts)
     session = Session(model, opts)
     try:
@@ -193,19 +193,33 @@ def iter_rows(reference: Path, outputs: list, *, text: str, eval_tokens: int = D
               n_ctx: int = DEFAULT_CTX, decode_tokens: int = 64, threads: int | None = None,
               workdir: Path | None = None) -> Iterator[Row]:
     """The reference row, then one per output (``QuantResult``s), measured one at a time."""
-    from infer_cli.gguf_info import read_gguf
+    from infer_cli.models.gguf_info import read_gguf
 
     ref = Reference(reference, text, n_tokens=eval_tokens, n_ctx=n_ctx, threads=threads,
                     workdir=workdir)
     try:
         info = read_gguf(reference)
         size = Path(reference).stat().st_size
-        yield Row("reference", str(reference), size, size * 8 / max(info.n_params, 1), None,
+        top = Row("reference", str(reference), size, size * 8 / max(info.n_params, 1), None,
                   decode_speed(reference, decode_tokens, threads) if decode_tokens else None,
                   Quality(0.0, 0.0, 1.0, ref.ppl, ref.ppl, sum(len(c) - 1 for c in ref.chunks)))
+        yield top
         for res in outputs:
+            if _same_file(res.path, reference):
+                # The output is the reference (a checkpoint converted to F16, say): its numbers
+                # are the reference's, and measuring it against itself would only cost time.
+                yield Row(res.qtype, str(res.path), res.size, res.bpw, res.seconds,
+                          top.decode_tps, top.quality)
+                continue
             tps = decode_speed(res.path, decode_tokens, threads) if decode_tokens else None
             yield Row(res.qtype, str(res.path), res.size, res.bpw, res.seconds, tps,
                       ref.compare(res.path))
     finally:
         ref.close()
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return Path(a).samefile(b)
+    except OSError:
+        return False

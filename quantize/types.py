@@ -64,14 +64,14 @@ ALIASES = {"Q3_K": "Q3_K_M", "Q4_K": "Q4_K_M", "Q5_K": "Q5_K_M"}
 
 BY_NAME = {t.name: t for t in TYPES}
 
-# Tensor types (ggml_type ids) accepted by --output-tensor-type, --token-embedding-type and
-# per-tensor overrides.
-GGML_TYPES = {
-    "F32": 0, "F16": 1, "Q4_0": 2, "Q4_1": 3, "Q5_0": 6, "Q5_1": 7, "Q8_0": 8, "Q2_K": 10,
-    "Q3_K": 11, "Q4_K": 12, "Q5_K": 13, "Q6_K": 14, "IQ2_XXS": 16, "IQ2_XS": 17, "IQ3_XXS": 18,
-    "IQ1_S": 19, "IQ4_NL": 20, "IQ3_S": 21, "IQ2_S": 22, "IQ4_XS": 23, "IQ1_M": 29, "BF16": 30,
-    "TQ1_0": 34, "TQ2_0": 35, "MXFP4": 39, "NVFP4": 40, "Q1_0": 41, "Q2_0": 42,
-}
+# Tensor types accepted by --output-tensor-type, --token-embedding-type and per-tensor
+# overrides: the ggml types llama.cpp's quantizer can write. Their ids are infer_cli.ggml's
+# (which imports gguf, too heavy for parse time).
+GGML_TYPES = (
+    "F32", "F16", "Q4_0", "Q4_1", "Q5_0", "Q5_1", "Q8_0", "Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K",
+    "IQ2_XXS", "IQ2_XS", "IQ3_XXS", "IQ1_S", "IQ4_NL", "IQ3_S", "IQ2_S", "IQ4_XS", "IQ1_M", "BF16",
+    "TQ1_0", "TQ2_0", "MXFP4", "NVFP4", "Q1_0", "Q2_0",
+)
 
 # Types a Hugging Face checkpoint converts to directly (no llama.cpp quantization needed).
 CONVERT_TYPES = ("F32", "F16", "BF16", "Q8_0")

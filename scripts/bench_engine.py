@@ -43,7 +43,7 @@ TARGETS = {  # metric: (comparison, bound, text)
     "cache": ("<=", 0.10, "<= 0.10 x cold"),
     "startup": ("<=", 1.0, "<= 1.0 s"),
 }
-# infer's engine defaults (infer_cli/engine.py EngineOptions), given to llama-bench explicitly.
+# infer's engine defaults (infer_cli/engine.py Options), given to llama-bench explicitly.
 ENGINE_DEFAULTS = {"n_batch": 2048, "n_ubatch": 512, "flash_attn": "auto", "type_k": "f16",
                    "type_v": "f16"}
 SHORT_PROMPT = "The history of the printing press begins"

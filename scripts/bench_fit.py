@@ -24,8 +24,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from infer_cli import fit  # noqa: E402
-from infer_cli.gguf_info import read_gguf  # noqa: E402
+from infer_cli.plan import fit
+from infer_cli.models.gguf_info import read_gguf  # noqa: E402
 
 STORE = ROOT / ".cache" / "test-home" / "store"
 REAL = {"smollm2": STORE / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf",
@@ -137,7 +137,7 @@ import llama_cpp  # engine.Model imports it: part of the runtime measured below
 from infer_cli import engine
 proc = psutil.Process()
 runtime = proc.memory_info().rss
-o = engine.EngineOptions(n_ctx={n_ctx}, n_ubatch={ub}, cache_type_k={k!r}, cache_type_v={v!r},
+o = engine.Options(n_ctx={n_ctx}, n_ubatch={ub}, cache_type_k={k!r}, cache_type_v={v!r},
                          flash_attn={fa!r}, mmap=False, gpu_layers=0, threads=2)
 m = engine.Model({path!r}, o)
 s = engine.Session(m, o)

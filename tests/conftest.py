@@ -30,8 +30,8 @@ def isolated_home(tmp_path, monkeypatch):
 
 
 def _package_model(alias: str) -> Path:
-    from infer_cli import store
-    from infer_cli.registry import load_catalog
+    from infer_cli.models import store
+    from infer_cli.models.registry import load_catalog
 
     old = os.environ.get("INFER_HOME")
     os.environ["INFER_HOME"] = str(TEST_HOME)

@@ -81,12 +81,12 @@ def write(shape: Shape, path: Path) -> Path:
     w.write_kv_data_to_file()
     w.write_ti_data_to_file()
     w.close()
-    from infer_cli.gguf_info import _pad  # the data region starts aligned
+    from infer_cli.models.gguf_info import align  # the data region starts aligned
 
     header = tmp.stat().st_size
-    total = _pad(header, 32)
+    total = align(header, 32)
     for name, dims, qtype in _tensors(shape):
-        total = _pad(total + _nbytes(dims, qtype), 32)
+        total = align(total + _nbytes(dims, qtype), 32)
     with open(tmp, "r+b") as f:
         f.truncate(total)
     os.replace(tmp, path)
@@ -94,13 +94,12 @@ def write(shape: Shape, path: Path) -> Path:
 
 
 def _nbytes(dims: tuple[int, ...], qtype) -> int:
-    from gguf.constants import GGML_QUANT_SIZES
+    from infer_cli import ggml
 
-    block, size = GGML_QUANT_SIZES[qtype]
     n = 1
     for d in dims:
         n *= d
-    return n // block * size
+    return ggml.row_bytes(n, int(qtype))
 
 
 def _tensors(s: Shape):

@@ -11,8 +11,9 @@ import time
 
 import pytest
 
-from infer_cli import engine, prompt_cache
-from infer_cli.chat import render
+from infer_cli import engine
+from infer_cli.engine import prompt_cache
+from infer_cli.engine.chat import render
 from infer_cli.errors import BadOption, PromptTooLong
 
 GREEDY = engine.Sampling(temperature=0, repeat_penalty=1.0)
@@ -21,13 +22,13 @@ DOC = ("The lighthouse keeper kept a log of every ship that passed the point. " 
 
 @pytest.fixture(scope="module")
 def smol(smollm2_gguf):
-    model = engine.Model(smollm2_gguf, engine.EngineOptions())
+    model = engine.Model(smollm2_gguf, engine.Options())
     yield model
     model.close()
 
 
 def _session(model, **kw):
-    return engine.Session(model, engine.EngineOptions(n_ctx=kw.pop("n_ctx", 2048), **kw))
+    return engine.Session(model, engine.Options(n_ctx=kw.pop("n_ctx", 2048), **kw))
 
 
 def _generate(session, tokens, *, n=24, cache=None, sampling=GREEDY, stop=()):
@@ -173,10 +174,10 @@ def test_quantized_v_cache_needs_flash_attention(smol):
 
 
 def test_gemma_keeps_the_small_sliding_window_cache(gemma3_gguf):
-    model = engine.Model(gemma3_gguf, engine.EngineOptions())
+    model = engine.Model(gemma3_gguf, engine.Options())
     try:
-        small = engine.Session(model, engine.EngineOptions(n_ctx=4096))
-        full = engine.Session(model, engine.EngineOptions(n_ctx=4096, swa_full=True))
+        small = engine.Session(model, engine.Options(n_ctx=4096))
+        full = engine.Session(model, engine.Options(n_ctx=4096, swa_full=True))
         # 3 global layers x 4096 cells + 15 window layers x 1024 cells, against 18 x 4096.
         assert small.kv_bytes == 27 << 20 and full.kv_bytes == 72 << 20
         _, text, last = _generate(small, model.tokenize("The capital of France is"), n=8)
@@ -289,12 +290,12 @@ def test_interactive_chat_in_a_terminal(smollm2_in_home):
 
 
 def test_fast_greedy_matches_llama_cpp_greedy_sampler(gemma3_gguf):
-    model = engine.Model(gemma3_gguf, engine.EngineOptions())
+    model = engine.Model(gemma3_gguf, engine.Options())
     try:
         tokens = model.tokenize("The three primary colours are")
         runs = []
         for use_argmax in (True, False):
-            session = engine.Session(model, engine.EngineOptions(n_ctx=256))
+            session = engine.Session(model, engine.Options(n_ctx=256))
             sampler = engine.Sampler(model, GREEDY)
             sampler.argmax = use_argmax
             session.prefill(tokens)
@@ -312,11 +313,11 @@ def test_fast_greedy_matches_llama_cpp_greedy_sampler(gemma3_gguf):
 def test_no_mmap_reads_the_weights_into_memory(smollm2_gguf, mmap):
     """--no-mmap reaches llama.cpp (its load_mode): the weights land in an ordinary buffer, not a
     mapping of the file; the answer is the same either way."""
-    from infer_cli import llama_log
+    from infer_cli.engine import llama_log
 
     llama_log.install()
     mark = llama_log.mark()
-    model = engine.Model(smollm2_gguf, engine.EngineOptions(mmap=mmap))
+    model = engine.Model(smollm2_gguf, engine.Options(mmap=mmap))
     try:
         buffers = [line for line in llama_log.since(mark) if "model buffer size" in line]
         assert buffers and all(("CPU_Mapped" in line) == mmap for line in buffers), buffers

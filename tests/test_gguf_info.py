@@ -5,6 +5,7 @@ Every broken file must give BadModelFile with a sensible reason in well under a 
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import mmap
@@ -23,10 +24,11 @@ from gguf import gguf_reader as _gguf_reader_module
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFValueType
 
 from infer_cli.errors import BadModelFile
-from infer_cli.gguf_info import (
+from infer_cli.models.gguf_info import (
     ArrayInfo,
     GGUFInfo,
     TensorInfo,
+    parse_header,
     quant_label,
     read_gguf,
     read_split,
@@ -360,11 +362,13 @@ def test_truncated_smollm2(tmp_path, smollm2_gguf, smollm2):
     for i, cut in enumerate(cuts):
         err = expect_bad(_prefix_file(target, header, cut), arrays=bool(i % 2))
         assert err.reason.startswith("truncated"), (cut, err.reason)
+        assert err.truncated and err.at == cut, (cut, err.reason)
     for cut in (info.data_offset, info.data_offset + 1000, info.file_size // 2, info.file_size - 1):
-        expect_bad(
+        err = expect_bad(
             _prefix_file(target, header, cut),
             "would lie past the end of the file: the file is truncated",
         )
+        assert err.truncated and err.at == cut
     # the whole file, header plus a hole where the weights were, is fine
     assert read_gguf(_prefix_file(target, header, info.file_size)).tensors == info.tensors
     expect_bad(_prefix_file(target, header, 0), "empty")
@@ -387,6 +391,36 @@ def test_mutated_smollm2_header_never_crashes(tmp_path, smollm2_gguf, smollm2):
             data[rng.choice(spots)] = rng.randrange(256)
         _prefix_file(target, bytes(data), smollm2.file_size)
         _parse_or_bad(target)
+
+
+def test_truncation_is_a_field_of_the_error(tmp_path):
+    data = tiny_bytes()
+    info = read_gguf(write(tmp_path, data))
+    last = info.tensors[-1]
+    for cut in (0, 3, 20, 200, info.data_offset - 1, info.data_offset, last.offset + last.n_bytes - 1):
+        err = expect_bad(write(tmp_path, data[:cut]))
+        assert err.truncated and err.at == cut, (cut, err.reason)
+    for bad in (b"PK\x03\x04" + b"\0" * 100, build(minimal_kvs(), version=99)):
+        err = expect_bad(write(tmp_path, bad))
+        assert not err.truncated and err.at is None, err.reason
+
+
+def test_parse_header_of_a_prefix(tmp_path):
+    # The start of a file whose full size is known, as range requests of a remote file give it:
+    # running out of bytes is a truncation below that size, and the whole file parses.
+    data = tiny_bytes()
+    whole = parse_header(io.BytesIO(data), len(data), "org/repo/tiny.gguf")
+    assert whole.path == "org/repo/tiny.gguf" and whole.file_size == len(data)
+    assert whole.tensors == read_gguf(write(tmp_path, data)).tensors
+    # (the tensor table ends within the last alignment, 64 bytes, before the data)
+    for n in (0, 7, 100, whole.data_offset // 2, whole.data_offset - 64):
+        with pytest.raises(BadModelFile) as e:
+            parse_header(io.BytesIO(data[:n]), len(data), "org/repo/tiny.gguf")
+        err = e.value
+        assert err.truncated and err.at is not None and err.at <= n < len(data), (n, err.reason)
+    # The tensor data is never read: the header alone is enough.
+    header = io.BytesIO(data[:whole.data_offset])
+    assert parse_header(header, len(data), "x").tensors == whole.tensors
 
 
 # ----------------------------------------------------------------------------------------------
@@ -532,7 +566,7 @@ def test_fifo(tmp_path):
 def test_permission_denied(tmp_path, monkeypatch):
     path = write(tmp_path, tiny_bytes())
     if os.geteuid() == 0:  # root reads anything: simulate the refusal
-        import infer_cli.gguf_info as mod
+        import infer_cli.models.gguf_info as mod
 
         def refuse(*args, **kwargs):
             raise PermissionError(13, "Permission denied")

@@ -9,7 +9,7 @@ import random
 import pytest
 from huggingface_hub import hf_hub_download, scan_cache_dir
 
-from infer_cli import hub as hubmod
+from infer_cli.models import hub as hubmod
 from infer_cli import paths
 from infer_cli.errors import (
     BadReference,
@@ -430,3 +430,68 @@ def test_remove_keeps_a_blob_another_snapshot_uses(hub, tiny):  # noqa: F811
     assert len(hubmod.list_cached_ggufs()) == 2
     assert hubmod.remove_cached(REPO, "tiny-Q4_K_M.gguf") == 200_000
     assert not old_link.exists() and leftovers() == []
+
+
+# ----------------------------------------------------------------------------------------------- remote headers
+
+
+def _gguf_with_a_long_header(path):
+    """A GGUF whose header (a 20k-token vocabulary) is far longer than the first range asked for."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(path), "llama")
+    w.add_array("tokenizer.ggml.tokens", [f"token-{i}" for i in range(20_000)])
+    w.add_tensor("token_embd.weight", np.zeros((1024, 1024), dtype=np.float32))  # 4 MiB of data
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path.read_bytes()
+
+
+@pytest.mark.parametrize("ranges", [True, False], ids=["range", "no-range"])
+def test_read_remote_fetches_only_the_header(hub, tmp_path, ranges):  # noqa: F811
+    from infer_cli.models import remote
+    from infer_cli.models.gguf_info import read_gguf
+
+    data = _gguf_with_a_long_header(tmp_path / "m.gguf")
+    local = read_gguf(tmp_path / "m.gguf")
+    hub.add_repo("org/remote-GGUF", {"m-Q8_0.gguf": data, "mmproj-m-F16.gguf": data, "README.md": b"#\n"})
+    hub.ignore_range = not ranges  # a server that answers every GET with the whole file
+    info = remote.read_remote("org/remote-GGUF", "m-Q8_0.gguf", len(data), first=4096)
+    assert info.path == "org/remote-GGUF/m-Q8_0.gguf" and info.file_size == len(data)
+    assert info.tensors == local.tensors and info.metadata == local.metadata
+    gets = hub.file_gets("m-Q8_0.gguf")
+    assert len(gets) > 1 and all(g.range for g in gets)  # grew from 4 KiB until the header fit
+    if ranges:
+        asked = [g.range.removeprefix("bytes=").split("-") for g in gets]
+        assert sum(int(b) - int(a) + 1 for a, b in asked) < len(data) // 2
+
+    [(label, whole)] = remote.repo_infos("org/remote-GGUF")  # the projector is no model
+    assert label == "Q8_0" and whole.tensors == local.tensors
+
+
+def test_read_remote_of_a_bad_file_is_bad_model_file(hub):  # noqa: F811
+    from infer_cli.errors import BadModelFile
+    from infer_cli.models import remote
+
+    hub.add_repo("org/bad-GGUF", {"m-Q4_0.gguf": b"PK\x03\x04" + payload(10_000)})
+    with pytest.raises(BadModelFile, match="not a GGUF file"):
+        remote.read_remote("org/bad-GGUF", "m-Q4_0.gguf", 10_004, first=1024)
+    assert len(hub.file_gets("m-Q4_0.gguf")) == 1  # a wrong header is not fetched again, longer
+
+
+def test_public_listing_and_cache_lookups(hub, tiny):  # noqa: F811
+    files, commit = tiny
+    got_commit, listed = hubmod.list_repo_files(REPO)
+    assert got_commit == commit and {f.filename for f in listed} == set(files)
+    units = hubmod.gguf_units(listed)
+    assert [u.name for u in units if not u.aux] == ["tiny-Q2_K.gguf", "tiny-Q4_K_M.gguf", "tiny-Q8_0.gguf"]
+    assert [u.name for u in units if u.aux] == ["mmproj-tiny-F16.gguf"]
+    with pytest.raises(RepoNotFound):
+        hubmod.list_repo_files("org/no-such-repo")
+    assert hubmod.cached_snapshots(REPO) == []
+    hubmod.pull(hubmod.select(REPO))
+    assert hubmod.cached_snapshots(REPO) == [storage() / "snapshots" / commit]
+    assert "user-agent" in {k.lower() for k in hubmod.auth_headers()}

@@ -23,6 +23,14 @@ def test_table_is_complete_and_unique():
     assert lookup("q4_k").name == "Q4_K_M"
 
 
+def test_tensor_types_are_ggml_types():
+    from infer_cli import ggml
+    from quantize.types import GGML_TYPES
+
+    assert len(set(GGML_TYPES)) == len(GGML_TYPES)
+    assert all(name in ggml.TYPE_IDS and ggml.TYPE_IDS[name] < ggml.TYPE_COUNT for name in GGML_TYPES)
+
+
 def test_unknown_type_is_one_error_listing_the_valid_ones():
     from infer_cli.errors import UnknownQuantType
 

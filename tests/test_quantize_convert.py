@@ -44,9 +44,9 @@ def test_round_trip_smollm2(infer, smollm2_hf, smollm2_f16, tmp_path):
     conv = out / "smollm2.F16.gguf"
     assert _tensors(conv) == _tensors(smollm2_f16)
 
-    from infer_cli.engine import EngineOptions, Model
+    from infer_cli.engine import Options, Model
 
-    a, b = Model(conv, EngineOptions(warmup=False)), Model(smollm2_f16, EngineOptions(warmup=False))
+    a, b = Model(conv, Options(warmup=False)), Model(smollm2_f16, Options(warmup=False))
     for text in TEXTS:
         assert a.tokenize(text) == b.tokenize(text), text
     a.close(), b.close()
@@ -74,9 +74,9 @@ def gemma3_hf(gemma3_f16, tmp_path_factory) -> Path:
 
 def _greedy(model, prompt: str, n: int = 64) -> tuple[str, list[int]]:
     """``n`` greedy tokens in-process: the text and the ids the KV cache took (all but the last)."""
-    from infer_cli.engine import EngineOptions, Request, Sampling, Session, Stats, stream
+    from infer_cli.engine import Options, Request, Sampling, Session, Stats, stream
 
-    s = Session(model, EngineOptions(warmup=False, n_ctx=256))
+    s = Session(model, Options(warmup=False, n_ctx=256))
     try:
         req = Request(tuple(model.tokenize(prompt)), Sampling(temperature=0, repeat_penalty=1.0),
                       max_tokens=n, ignore_eos=True)
@@ -95,7 +95,7 @@ def test_round_trip_gemma3(gemma3_f16, gemma3_hf, tmp_path):
     import numpy as np
     from gguf import GGUFReader
 
-    from infer_cli.engine import EngineOptions, Model
+    from infer_cli.engine import Options, Model
     from quantize.convert import convert_checkpoint
 
     conv = convert_checkpoint(gemma3_hf, tmp_path / "gemma3.F16.gguf", "F16").path
@@ -112,7 +112,7 @@ def test_round_trip_gemma3(gemma3_f16, gemma3_hf, tmp_path):
             assert fa[key].contents() == fb[key].contents(), key
     del ra, rb, ta, tb, fa, fb
 
-    a, b = Model(conv, EngineOptions(warmup=False)), Model(gemma3_f16, EngineOptions(warmup=False))
+    a, b = Model(conv, Options(warmup=False)), Model(gemma3_f16, Options(warmup=False))
     try:
         for text in TEXTS + ["<start_of_turn>user\nhi<end_of_turn>", "  two  spaces\u2581and ▁ marks"]:
             assert a.tokenize(text) == b.tokenize(text), text

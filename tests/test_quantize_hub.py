@@ -15,9 +15,9 @@ REPO = "tiny-org/tiny-qwen3"
 
 @pytest.fixture
 def tiny_repo(hub, tmp_path):
-    from tests.test_quantize_tiny import _checkpoint
+    from tests.test_quantize_tiny import tiny_checkpoint
 
-    folder, _ = _checkpoint(tmp_path / "src" / "tiny-qwen3", "qwen3")
+    folder, _ = tiny_checkpoint(tmp_path / "src" / "tiny-qwen3", "qwen3")
     files = {p.name: p.read_bytes() for p in folder.iterdir()}
     files["README.md"] = b"# tiny\n"
     files["pytorch_model.bin"] = b"\0" * 64  # not a safetensors checkpoint file: never fetched

@@ -65,7 +65,7 @@ def _save(folder: Path, t: dict, cfg: dict, tokenizer_config: dict, files: dict[
         (folder / name).write_bytes(data)
 
 
-def _checkpoint(folder: Path, kind: str) -> tuple[Path, dict]:
+def tiny_checkpoint(folder: Path, kind: str) -> tuple[Path, dict]:
     w = _draws({"llama3": 7, "qwen2": 11}.get(kind, 13))
     if kind == "llama3":
         tok = _tokenizer(LLAMA3_SPLIT, ["<|begin_of_text|>", "<|end_of_text|>"], False)
@@ -179,10 +179,10 @@ def test_tiny_checkpoint_converts_tokenizes_and_matches_reference(kind, pre, tmp
     from gguf import GGUFReader
     from tokenizers import Tokenizer
 
-    from infer_cli.engine import EngineOptions, Model, Session
+    from infer_cli.engine import Options, Model, Session
     from quantize.convert import convert_checkpoint
 
-    folder, weights = _checkpoint(tmp_path / kind, kind)
+    folder, weights = tiny_checkpoint(tmp_path / kind, kind)
     cfg = json.loads((folder / "config.json").read_text())
     out = convert_checkpoint(folder, tmp_path / f"{kind}.F16.gguf", "F16").path
 
@@ -196,7 +196,7 @@ def test_tiny_checkpoint_converts_tokenizes_and_matches_reference(kind, pre, tmp
     assert ("output.weight" in names) == (kind == "llama3")
 
     hf = Tokenizer.from_file(str(folder / "tokenizer.json"))
-    opts = EngineOptions(warmup=False, n_ctx=256, threads=2)
+    opts = Options(warmup=False, n_ctx=256, threads=2)
     m = Model(out, opts)
     try:
         for text in TEXTS + CORPUS[:5]:
@@ -304,7 +304,7 @@ def _gemma2_reference_logits(t: dict, cfg: dict, ids: list[int]) -> np.ndarray:
 def test_tiny_gemma2_converts_tokenizes_and_matches_reference(tmp_path):
     from gguf import GGUFReader
 
-    from infer_cli.engine import EngineOptions, Model
+    from infer_cli.engine import Options, Model
     from quantize.convert import convert_checkpoint
 
     folder, weights, cfg = _gemma2_checkpoint(tmp_path / "gemma2")
@@ -319,7 +319,7 @@ def test_tiny_gemma2_converts_tokenizes_and_matches_reference(tmp_path):
     assert "output.weight" not in names
     del r
 
-    opts = EngineOptions(warmup=False, n_ctx=256, threads=2)
+    opts = Options(warmup=False, n_ctx=256, threads=2)
     m = Model(out, opts)
     try:
         vocab = {t: i for i, t in enumerate(["<pad>", "<eos>", "<bos>", "<unk>"])}
@@ -416,7 +416,7 @@ def _llama2_checkpoint(folder: Path) -> tuple[Path, dict, dict]:
 def test_tiny_llama2_sentencepiece_converts_tokenizes_and_matches_reference(tmp_path):
     from gguf import GGUFReader
 
-    from infer_cli.engine import EngineOptions, Model
+    from infer_cli.engine import Options, Model
     from quantize.convert import convert_checkpoint
 
     folder, weights, cfg = _llama2_checkpoint(tmp_path / "llama2")
@@ -443,7 +443,7 @@ def test_tiny_llama2_sentencepiece_converts_tokenizes_and_matches_reference(tmp_
     assert _spm_reference("xyz", tokens, scores) == [piece("\u2581"), piece("x"), piece("yz")]
     assert _spm_reference("7ü", tokens, scores) == [piece("\u2581"), piece("7"), 3 + 0xC3, 3 + 0xBC]
 
-    opts = EngineOptions(warmup=False, n_ctx=256, threads=2)
+    opts = Options(warmup=False, n_ctx=256, threads=2)
     m = Model(out, opts)
     try:
         for text in LLAMA2_TEXTS:
@@ -469,3 +469,33 @@ def test_tiny_llama2_sentencepiece_converts_tokenizes_and_matches_reference(tmp_
                                                                  piece("o"), piece("\u2581world")]
     finally:
         m.close()
+
+
+def test_checkpoint_to_f16_is_measured_against_the_conversion(infer, tmp_path):
+    """`infer quantize DIR --to F16`: the conversion is the output, and the report's reference
+    (a folder cannot be measured); a quantized target beside it is compared with it."""
+    folder, _ = tiny_checkpoint(tmp_path / "tiny-qwen3", "qwen3")
+    out = tmp_path / "out"
+    r = infer("quantize", str(folder), "--to", "F16", "-o", str(out), "--eval-tokens", "256",
+              timeout=300)
+    assert r.returncode == 0, r.stderr
+    f16 = out / "tiny-qwen3.F16.gguf"
+    assert "against tiny-qwen3.F16.gguf" in r.stdout and "F16" in r.stdout, r.stdout
+    assert sorted(p.name for p in out.iterdir()) == [f16.name]
+
+    out2 = tmp_path / "out2"
+    r = infer("quantize", str(folder), "--to", "F16,Q8_0", "-o", str(out2), "--eval-tokens", "256",
+              "--json", timeout=300)
+    assert r.returncode == 0, r.stderr
+    doc = json.loads(r.stdout)
+    f16 = out2 / "tiny-qwen3.F16.gguf"
+    assert doc["reference"] == str(f16)
+    rows = {row["name"]: row for row in doc["rows"]}
+    assert list(rows) == ["reference", "F16", "Q8_0"]
+    assert rows["reference"]["path"] == rows["F16"]["path"] == str(f16)
+    assert rows["F16"]["seconds"] > 0 and rows["F16"]["quality"] == rows["reference"]["quality"]
+    ref, q8 = rows["reference"]["quality"], rows["Q8_0"]["quality"]
+    assert ref["kl_mean"] == 0 and ref["top1"] == 1 and np.isfinite(ref["ppl"]) and ref["ppl"] > 1
+    assert 0 <= q8["kl_mean"] < 0.05 and q8["top1"] > 0.8, q8
+    assert rows["Q8_0"]["size"] < rows["F16"]["size"]
+    assert sorted(p.name for p in out2.iterdir()) == [f16.name, "tiny-qwen3.Q8_0.gguf"]

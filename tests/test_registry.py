@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from infer_cli.errors import BadReference, ConfigError, ModelNotFound
-from infer_cli.registry import AliasRef, HubRef, LocalRef, load_catalog, parse_ref
+from infer_cli.models.registry import AliasRef, HubRef, LocalRef, load_catalog, parse_ref
 
 
 @pytest.fixture

@@ -5,7 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from infer_cli import engine, speculative
+from infer_cli import engine
+from infer_cli.engine import speculative
 from infer_cli.errors import DraftIncompatible
 
 GREEDY = engine.Sampling(temperature=0, repeat_penalty=1.0)
@@ -13,7 +14,7 @@ PROMPTS = ["The history of the printing press", "def fibonacci(n):", "Ten facts 
 PASSAGE = ("The old mill stood by the river for two hundred years. Every spring the water rose and "
            "turned its wheel, and the miller ground wheat for the whole valley. When the railway "
            "came, the mill fell silent, but the children of the village still played in its shade.")
-OPTS = engine.EngineOptions(n_ctx=1024)
+OPTS = engine.Options(n_ctx=1024)
 
 
 def _run(target_session, tokens, *, speculator=None, n=48, sampling=GREEDY):

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from infer_cli import store
+from infer_cli.models import store
 from infer_cli.errors import ChecksumMismatch, NotEnoughDisk, PackageSourceFailed
-from infer_cli.registry import PackageSource, load_catalog
+from infer_cli.models.registry import PackageSource, load_catalog
 
 
 def _sha256(path: Path) -> str:

@@ -1,6 +1,7 @@
 """`infer fit`: hardware, memory plan per device, GPU layers and the largest context.
 
-Only parsing and rendering here; the plan is ``infer_cli.fit``, the probes ``infer_cli.hardware``.
+Only parsing and rendering here; the plan is ``infer_cli.plan.fit``, the probes
+``infer_cli.plan.hardware``.
 Heavy modules are imported inside the command (``infer --help`` stays instant).
 """
 
@@ -10,7 +11,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from .errors import human_bytes
+from infer_cli.cli.options import (BatchOpt, CacheTypeKOpt, CacheTypeVOpt, CtxOpt, FlashAttnOpt,
+                                   GpuLayersOpt, JsonOpt, ParallelOpt, SwaFullOpt, UbatchOpt,
+                                   engine_options)
+from infer_cli.cli.output import output
+from infer_cli.errors import human_bytes
 
 KV_CHOICES = ("f16", "q8_0", "q4_0")
 
@@ -25,32 +30,34 @@ def fit_command(
         help="A .gguf path, alias, or org/repo (a hub repo: every quant, headers only).",
         show_default=False)] = None,
     hardware_only: Annotated[bool, typer.Option("--hardware", help="Only detect and print the hardware.")] = False,
-    ctx: Annotated[Optional[int], typer.Option("--ctx", "-c", help="Context length (default: models.toml, else min(training context, 4096)).", show_default=False)] = None,
-    ubatch: Annotated[int, typer.Option("--ubatch", help="Physical batch size (the compute buffer scales with it).")] = 512,
-    batch: Annotated[int, typer.Option("--batch", help="Logical batch size.")] = 2048,
-    cache_type_k: Annotated[str, typer.Option("--cache-type-k", help="KV cache type for keys.")] = "f16",
-    cache_type_v: Annotated[str, typer.Option("--cache-type-v", help="KV cache type for values.")] = "f16",
-    flash_attn: Annotated[str, typer.Option("--flash-attn", help="auto, on or off.")] = "auto",
-    swa_full: Annotated[bool, typer.Option("--swa-full", help="Full-size cache for sliding-window layers.")] = False,
+    ctx: CtxOpt = None,
+    ubatch: UbatchOpt = 512,
+    batch: BatchOpt = 2048,
+    cache_type_k: CacheTypeKOpt = "f16",
+    cache_type_v: CacheTypeVOpt = "f16",
+    flash_attn: FlashAttnOpt = "auto",
+    swa_full: SwaFullOpt = False,
+    parallel: ParallelOpt = 1,
     no_mmap: Annotated[bool, typer.Option("--no-mmap", help="Plan for weights read into memory instead of mapped (with mmap, the CPU mapping spans from the first to the last CPU tensor in the file).")] = False,
-    gpu_layers: Annotated[str, typer.Option("--gpu-layers", help="A number, or auto (the most that fit).")] = "auto",
+    gpu_layers: GpuLayersOpt = "auto",
     gpu: Annotated[Optional[str], typer.Option("--gpu", help="Plan for a hardware profile instead: 'RTX 4090', 'H100 80GB', 'M3 Max 64GB', 'CPU 16GB', ...", show_default=False)] = None,
     ram: Annotated[Optional[str], typer.Option("--ram", help="Plan for this much RAM (e.g. 16G).", show_default=False)] = None,
     vram: Annotated[Optional[str], typer.Option("--vram", help="Plan for a CUDA GPU with this much memory (e.g. 24G).", show_default=False)] = None,
     draft: Annotated[Optional[str], typer.Option("--draft", help="Add a draft model (speculative decoding) to the plan.", show_default=False)] = None,
     check: Annotated[bool, typer.Option("--check", help="Also run llama.cpp's own dry run and show its sizes beside ours.")] = False,
-    json_mode: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+    json_mode: JsonOpt = False,
 ) -> None:
     """Predict RAM and VRAM per component, choose GPU layers and the largest context that fits."""
-    from . import fit, hardware
-    from .cli import _output
+    from infer_cli.engine.runner import read_header
+    from infer_cli.options import default_context
+    from infer_cli.plan import fit, hardware
 
-    out = _output(json_mode)
-    opts = fit.Options(n_ctx=ctx or 4096, n_batch=batch, n_ubatch=ubatch,
-                       cache_type_k=cache_type_k.lower(), cache_type_v=cache_type_v.lower(),
-                       flash_attn=flash_attn.lower(), swa_full=swa_full, mmap=not no_mmap,
-                       gpu_layers=_layers(gpu_layers))
-    opts.check()
+    out = output(json_mode)
+    opts = engine_options(ctx=ctx, batch=batch, ubatch=ubatch, cache_type_k=cache_type_k,
+                          cache_type_v=cache_type_v, flash_attn=flash_attn, swa_full=swa_full,
+                          gpu_layers_value=gpu_layers, no_mmap=no_mmap, parallel=parallel)
+    if not opts.n_ctx and (hardware_only or (model is not None and _is_hub_repo(model))):
+        opts = fit.replace(opts, n_ctx=default_context(None))
     what_if = gpu is not None or ram is not None or vram is not None
     machine = hardware.detect(llama=not what_if or hardware_only)
     hw = _target(machine, gpu, ram, vram)
@@ -60,25 +67,21 @@ def fit_command(
     if model is not None and _is_hub_repo(model):
         _hub_matrix(out, model, opts, [hw] if what_if else _matrix_profiles(), json_mode)
         return
-    from . import store
-    from .gguf_info import read_gguf, read_split
+    from infer_cli.models import store
 
     resolved = store.resolve(model, download=False)
-    info = read_gguf(resolved.path) if len(resolved.paths) == 1 else read_split([str(p) for p in resolved.paths])
-    if ctx is None:
-        trained = info.context_length
-        default = resolved.entry.context if resolved.entry and resolved.entry.context else None
-        opts = fit.replace(opts, n_ctx=default or (min(trained, 4096) if trained else 4096))
-    draft_info = None
-    if draft:
-        d = store.resolve(draft, download=False)
-        draft_info = read_gguf(d.path)
+    info = read_header(resolved)
+    if not opts.n_ctx:
+        opts = fit.replace(opts, n_ctx=default_context(info.context_length,
+                                                       resolved.entry.context if resolved.entry else None))
+    draft_info = read_header(store.resolve(draft, download=False)) if draft else None
     m = fit.facts(info)
     p = fit.plan(m, hw, opts, draft=draft_info)
     largest = {kv: fit.largest_context(m, hw, fit.replace(opts, cache_type_k=kv, cache_type_v=kv,
                                                           flash_attn="on" if kv != "f16" else opts.flash_attn),
                                        draft=draft_info) for kv in KV_CHOICES}
-    tips = fit.suggestions(m, hw, opts, draft=draft_info) if p.verdict != "gpu" or not p.fits else []
+    # a plan with every layer on the GPU cannot gain layers; suggestions() keeps only gains
+    tips = [] if p.fits and p.verdict == "gpu" else fit.suggestions(m, hw, opts, draft=draft_info)
     checks = fit.check(str(resolved.path), [opts]) if check else []
     if json_mode:
         doc = {"model": resolved.name, "path": str(resolved.path), "plan": p.as_dict(),
@@ -98,18 +101,9 @@ def fit_command(
     _emit_plan(out, resolved.name, m, p, largest, tips, checks)
 
 
-def _layers(value: str) -> int | None:
-    if value.strip().lower() == "auto":
-        return None
-    try:
-        n = int(value)
-    except ValueError:
-        raise typer.BadParameter(f"'{value}' is not a number or auto", param_hint="--gpu-layers") from None
-    return 10**6 if n < 0 else n
-
-
 def _target(machine, gpu: str | None, ram: str | None, vram: str | None):
-    from . import fit, hardware
+    from infer_cli.plan import fit
+    from infer_cli.plan import hardware
 
     if gpu is not None:
         hw = hardware.profile(gpu)
@@ -128,7 +122,7 @@ def _target(machine, gpu: str | None, ram: str | None, vram: str | None):
 
 
 def _is_hub_repo(ref: str) -> bool:
-    from .registry import HubRef, load_catalog, parse_ref
+    from infer_cli.models.registry import HubRef, load_catalog, parse_ref
 
     try:
         parsed = parse_ref(ref, load_catalog())
@@ -136,14 +130,14 @@ def _is_hub_repo(ref: str) -> bool:
         return False
     if not isinstance(parsed, HubRef) or getattr(parsed, "quant", None) or getattr(parsed, "filename", None):
         return False
-    from . import hub
+    from infer_cli.models import hub
 
     # a repo already pulled is planned from its local file
     return not hub.find_cached(parsed.repo_id)
 
 
 def _matrix_profiles():
-    from . import hardware
+    from infer_cli.plan import hardware
 
     return [hardware.profile(p) for p in ("H100 80GB", "A100 40GB", "RTX 4090", "RTX 3060",
                                           "M3 Max 64GB", "M2 16GB", "CPU 16GB")]
@@ -221,7 +215,12 @@ def _emit_plan(out, name, m, p, largest, tips, checks) -> None:
     for note in p.notes:
         out.info(f"[dim]note: {note}[/]")
     if tips:
-        out.result("To do better:")
+        if p.fits:
+            out.result("To put more layers on the GPU:")
+        elif any(s.plan.fits for s in tips):
+            out.result("To make it fit:")
+        else:
+            out.result("None of these alone makes it fit:")
         for s in tips:
             out.result(f"  {s.change}: {s.plan.verdict_text}, {human_bytes(s.plan.total)} in all")
     for c in checks:
@@ -236,7 +235,7 @@ def _emit_plan(out, name, m, p, largest, tips, checks) -> None:
             ours = (getattr(cpu_plan.cpu, comp) if cpu_plan else
                     getattr(p.cpu, comp) + getattr(p.gpu, comp) if comp == "kv" else None)
             if ours is None:
-                from . import fit
+                from infer_cli.plan import fit
 
                 ours = getattr(fit.memory(m, fit.Hardware("cpu", ram=1 << 50), p.options, 0)[0], comp)
             diff = f"{(ours - theirs) / theirs * 100:+.2f}%" if theirs else "-"
@@ -245,7 +244,7 @@ def _emit_plan(out, name, m, p, largest, tips, checks) -> None:
 
 
 def _hub_matrix(out, repo_id: str, opts, profiles, json_mode: bool) -> None:
-    from . import fit
+    from infer_cli.plan import fit
 
     rows = []
     for quant, info in fit.hub_infos(repo_id):

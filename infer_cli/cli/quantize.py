@@ -57,7 +57,7 @@ def quantize_cmd(
 ) -> None:
     """Convert a checkpoint to GGUF and quantize it to llama.cpp precisions, then measure each
     output's size, speed and quality."""
-    from .ui import Output
+    from infer_cli.cli.output import Output
 
     out = Output(json_mode=json_mode)
     if list_types:
@@ -91,7 +91,7 @@ def quantize_cmd(
             if json_mode:
                 out.json({"outputs": [_result_dict(r) for r in results]})
             return
-        ref = reference or base or plan.source
+        ref = reference or api.default_reference(plan)
         _report(out, ref, results, text, eval_tokens, threads, json_mode, plan.outdir)
     finally:
         api.discard(base)
@@ -120,7 +120,7 @@ def _print_list(out, json_mode: bool) -> None:
 def _report(out, ref: Path, results, text, eval_tokens, threads, json_mode, workdir) -> None:
     from quantize.report import iter_rows
 
-    from .errors import human_bytes
+    from infer_cli.errors import human_bytes
 
     rows = []
     for row in iter_rows(Path(ref), results, text=text, eval_tokens=eval_tokens,

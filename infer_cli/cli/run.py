@@ -1,124 +1,26 @@
 """`infer run`: one-shot generation and the interactive chat, rendered for a terminal.
 
-Part of the CLI layer (it prints); the work is done by ``engine``, ``chat`` and
-``prompt_cache``.
+Part of the CLI layer (it prints); the work is done by ``engine.runner``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import sys
-import time
-from dataclasses import dataclass
+from typing import Annotated, Optional
 
-from . import engine
-from .chat import Conversation
-from .errors import InferError, describe, human_bytes
+import typer
 
-
-@dataclass(frozen=True)
-class SpecSettings:
-    draft: object | None      # a store.Resolved draft model, or None
-    lookup: bool
-    draft_max: int = 16
-    p_min: float = 0.5
+from infer_cli.cli.options import (BatchOpt, CacheTypeKOpt, CacheTypeVOpt, CtxOpt, FlashAttnOpt,
+                                   GpuLayersOpt, JsonOpt, MaxTokensOpt, MinPOpt, MlockOpt, NoMmapOpt,
+                                   RepeatLastNOpt, RepeatPenaltyOpt, RevisionOpt, SeedOpt, StopOpt,
+                                   SwaFullOpt, SystemOpt, TempOpt, ThreadsOpt, TopKOpt, TopPOpt,
+                                   UbatchOpt, engine_options, sampling_given)
+from infer_cli.cli.output import output
+from infer_cli.errors import InferError, describe, human_bytes
 
 
-@dataclass(frozen=True)
-class RunSettings:
-    system: str | None
-    raw: bool
-    max_tokens: int
-    stop: tuple[str, ...]
-    ignore_eos: bool
-    truncate: bool
-    prompt_cache: bool
-    sampling: engine.Sampling
-    spec: SpecSettings | None = None
-
-
-class Runner:
-    """A loaded model with its session, conversation and prompt cache."""
-
-    def __init__(self, resolved, opts: engine.EngineOptions, settings: RunSettings):
-        t0 = time.perf_counter()
-        self.model = engine.Model(resolved.path, opts)
-        self.session = engine.Session(self.model, opts)
-        self.load_s = time.perf_counter() - t0
-        self.settings = settings
-        template = None if settings.raw else self.model.info.chat_template
-        self.conversation = Conversation(template, settings.system, bos=self.model.bos_text,
-                                         eos=self.model.eos_text)
-        self.notes: list[str] = []
-        if template is None and not settings.raw:
-            self.notes.append("this model has no chat template: plain completion")
-        self.draft_model = self.draft_session = None
-        if settings.spec and settings.spec.draft:
-            from .speculative import check_compatible
-
-            self.draft_model = engine.Model(settings.spec.draft.path, opts)
-            check_compatible(self.model, self.draft_model)
-            self.draft_session = engine.Session(self.draft_model, opts)
-            self.load_s = time.perf_counter() - t0
-        self.cache = None
-        if settings.prompt_cache:
-            from .prompt_cache import PromptCache, model_identity
-
-            ident = model_identity(resolved.path, self.model.info.data_offset)
-            kv = {"n_ctx": self.session.n_ctx, "type_k": opts.cache_type_k,
-                  "type_v": opts.cache_type_v, "flash_attn": opts.flash_attn,
-                  "swa_full": opts.swa_full}
-            self.cache = PromptCache(resolved.path, ident, kv)
-
-    def tokens_for(self, text: str) -> list[int]:
-        bos = self.model.bos_text
-        # A template that writes the BOS itself must not get a second one from the tokenizer.
-        add_special = not (self.conversation.template and bos and text.startswith(bos))
-        return self.model.tokenize(text, add_special=add_special, parse_special=True)
-
-    def answer(self, user_text: str):
-        """Add a user turn and stream the reply: yields engine events."""
-        conv = self.conversation
-        conv.add("user", user_text)
-        tokens = self.tokens_for(conv.prompt())
-        n_ctx = self.session.n_ctx
-        if len(tokens) >= n_ctx:
-            if not self.settings.truncate:
-                conv.messages.pop()
-                engine.check_fits(len(tokens), n_ctx)
-            reserve = self.settings.max_tokens if self.settings.max_tokens > 0 else n_ctx // 4
-            tokens = engine.truncate(tokens, n_ctx, min(reserve, n_ctx // 2))
-            self.notes.append(f"the prompt was cut to its last {len(tokens)} tokens (--truncate)")
-        s = self.settings
-        req = engine.Request(tuple(tokens), s.sampling,
-                             s.max_tokens if s.max_tokens > 0 else n_ctx, s.stop, s.ignore_eos)
-        stats = engine.Stats(load_s=self.load_s, notes=self.notes)
-        parts = []
-        for event in engine.stream(self.session, req, stats=stats, prompt_cache=self.cache,
-                                   speculator=self._speculator()):
-            parts.append(event.text)
-            yield event
-        conv.add("assistant", "".join(parts))
-        self.notes = []
-        self.load_s = 0.0  # paid once
-
-
-    def _speculator(self):
-        """A fresh speculator per answer (its statistics are per answer)."""
-        spec = self.settings.spec
-        if spec is None:
-            return None
-        from . import speculative
-
-        if spec.lookup:
-            return speculative.PromptLookup(draft_max=spec.draft_max,
-                                            stats=speculative.SpecStats("lookup", draft_max=spec.draft_max))
-        return speculative.DraftModel(draft_max=spec.draft_max, p_min=spec.p_min,
-                                      draft_session=self.draft_session,
-                                      stats=speculative.SpecStats("draft", draft_max=spec.draft_max))
-
-
-def stats_line(stats: engine.Stats, finish: str | None) -> str:
+def stats_line(stats, finish: str | None) -> str:
     parts = []
     if stats.load_s:
         parts.append(f"load {stats.load_s:.2f} s")
@@ -147,7 +49,14 @@ def stats_line(stats: engine.Stats, finish: str | None) -> str:
     return " · ".join(parts)
 
 
-def one_shot(runner: Runner, prompt: str, out, *, json_mode: bool, resolved) -> int:
+def end_answer(text: str) -> None:
+    """Finish the streamed answer on stdout so that what follows on stderr starts a line."""
+    if text and not text.endswith("\n"):
+        sys.stdout.write("\n")
+    sys.stdout.flush()
+
+
+def one_shot(runner, prompt: str, out, *, json_mode: bool, resolved) -> int:
     """Stream one answer; returns the exit code (130 when interrupted)."""
     last = None
     text = []
@@ -163,8 +72,7 @@ def one_shot(runner: Runner, prompt: str, out, *, json_mode: bool, resolved) -> 
                   "finish_reason": finish, "stats": stats.as_dict(), "notes": stats.notes,
                   "sampling": dataclasses.asdict(runner.settings.sampling)})
     else:
-        sys.stdout.write("\n")
-        sys.stdout.flush()
+        end_answer("".join(text))
         for note in stats.notes:
             out.info(f"[yellow]note:[/] {note}")
         out.info(f"[dim]{stats_line(stats, finish)}[/]")
@@ -200,7 +108,7 @@ def _read_message() -> str | None:
     return "\n".join(lines)
 
 
-def interactive(runner: Runner, out) -> int:
+def interactive(runner, out) -> int:
     """The chat loop: history, multi-line input, /reset, /exit, Ctrl-D."""
     try:
         import readline  # noqa: F401  (line editing and history for input())
@@ -225,16 +133,116 @@ def interactive(runner: Runner, out) -> int:
             continue
         if not message.strip():
             continue
-        last = None
+        last, parts = None, []
         try:
             for event in runner.answer(message):
                 last = event
+                parts.append(event.text)
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
         except InferError as err:  # e.g. a message too long for the context: say so, go on
             out.error(str(err), describe(err).hint)
             continue
-        sys.stdout.write("\n")
+        end_answer("".join(parts))
         for note in last.stats.notes:
             out.info(f"[yellow]note:[/] {note}")
         out.info(f"[dim]{stats_line(last.stats, last.finish_reason)}[/]")
+
+
+def _split_run_args(first: str | None, second: str | None) -> tuple[str | None, str | None]:
+    """`infer run MODEL PROMPT`, `infer run MODEL`, or `infer run PROMPT` (default model)."""
+    if second is not None or first is None:
+        return first, second
+    from infer_cli.models.registry import load_catalog, parse_ref
+
+    if any(c.isspace() for c in first):
+        return None, first
+    try:
+        parse_ref(first, load_catalog())
+    except InferError:
+        return None, first
+    return first, None
+
+
+def run(
+    model: Annotated[Optional[str], typer.Argument(
+        help="Model reference (see `infer pull --help`), or the prompt when only one argument "
+             "is given and it is not a model.", show_default=False)] = None,
+    prompt: Annotated[Optional[str], typer.Argument(
+        help="The prompt. Read from stdin when piped; without one, an interactive chat.",
+        show_default=False)] = None,
+    system: SystemOpt = None,
+    raw: Annotated[bool, typer.Option("--raw", help="Plain completion, no chat template.")] = False,
+    max_tokens: MaxTokensOpt = -1,
+    temp: TempOpt = None,
+    top_k: TopKOpt = None,
+    top_p: TopPOpt = None,
+    min_p: MinPOpt = None,
+    repeat_penalty: RepeatPenaltyOpt = None,
+    repeat_last_n: RepeatLastNOpt = None,
+    seed: SeedOpt = -1,
+    stop: StopOpt = None,
+    ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past the end-of-text token.")] = False,
+    ctx: CtxOpt = None,
+    truncate: Annotated[bool, typer.Option("--truncate", help="Keep the end of a prompt longer than the context instead of refusing it.")] = False,
+    cache_type_k: CacheTypeKOpt = "f16",
+    cache_type_v: CacheTypeVOpt = "f16",
+    flash_attn: FlashAttnOpt = "auto",
+    swa_full: SwaFullOpt = False,
+    threads: ThreadsOpt = None,
+    batch: BatchOpt = 2048,
+    ubatch: UbatchOpt = 512,
+    gpu_layers: GpuLayersOpt = "auto",
+    mlock: MlockOpt = False,
+    no_mmap: NoMmapOpt = False,
+    no_prompt_cache: Annotated[bool, typer.Option("--no-prompt-cache", help="Do not reuse or save prompt KV state on disk.")] = False,
+    draft: Annotated[Optional[str], typer.Option("--draft", help="Speculative decoding with this draft model (same tokenizer); auto: the draft partner from models.toml.", show_default=False)] = None,
+    lookup: Annotated[bool, typer.Option("--lookup", help="Speculative decoding with drafts looked up in the prompt and the text so far (no second model).")] = False,
+    draft_max: Annotated[int, typer.Option("--draft-max", help="Most tokens drafted per step (a draft model stops sooner where it is unsure; lookup's length follows acceptance).")] = 16,
+    draft_p_min: Annotated[float, typer.Option("--draft-p-min", help="A draft model stops drafting when its top choice is less likely than this (among its 10 best).")] = 0.5,
+    revision: RevisionOpt = None,
+    json_mode: JsonOpt = False,
+) -> None:
+    """Generate text from a model, streaming it to stdout; statistics go to stderr."""
+    from infer_cli.engine import runner as engine_runner
+    from infer_cli.models import store
+
+    model, prompt = _split_run_args(model, prompt)
+    if prompt is None and not sys.stdin.isatty():
+        prompt = sys.stdin.read()
+    if prompt is None and json_mode:
+        raise typer.BadParameter("--json needs a prompt", param_hint="PROMPT")
+    if draft and lookup:
+        raise typer.BadParameter("choose one of --draft and --lookup", param_hint="--draft")
+    opts = engine_options(ctx=ctx, batch=batch, ubatch=ubatch, cache_type_k=cache_type_k,
+                          cache_type_v=cache_type_v, flash_attn=flash_attn, swa_full=swa_full,
+                          threads=threads, gpu_layers_value=gpu_layers, mlock=mlock, no_mmap=no_mmap)
+    out = output(json_mode)
+    with out.transfer() as progress:
+        resolved = store.resolve(model, revision=revision, progress=progress)
+    store.touch(resolved)
+    sampling = engine_runner.sampling_for(resolved.entry, seed, sampling_given(
+        temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
+        repeat_last_n=repeat_last_n))
+    draft_model = None
+    if draft:
+        draft_ref = draft
+        if draft.lower() == "auto":
+            draft_ref = resolved.entry.draft if resolved.entry else None
+            if not draft_ref:
+                raise typer.BadParameter(f"models.toml names no draft partner for {resolved.name}",
+                                         param_hint="--draft")
+        with out.transfer() as progress:
+            draft_model = store.resolve(draft_ref, progress=progress)
+    spec = engine_runner.SpecSettings(draft_model, lookup, max(1, draft_max), draft_p_min) \
+        if (draft_model or lookup) else None
+    settings = engine_runner.RunSettings(system, raw, max_tokens, tuple(stop or ()), ignore_eos,
+                                         truncate, not no_prompt_cache, sampling, spec)
+    runner = engine_runner.Runner(resolved, opts, settings)
+    if prompt is None:
+        raise typer.Exit(interactive(runner, out))
+    raise typer.Exit(one_shot(runner, prompt, out, json_mode=json_mode, resolved=resolved))
+
+
+def register(app) -> None:
+    app.command()(run)

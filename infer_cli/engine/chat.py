@@ -10,8 +10,9 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import lru_cache
 
-from .errors import TemplateFailed
+from infer_cli.errors import TemplateFailed
 
 
 def _raise(message: str):
@@ -23,18 +24,25 @@ def _tojson(value, indent=None, ensure_ascii=False, separators=None, sort_keys=F
                       sort_keys=sort_keys)
 
 
-def render(template: str, messages: list[dict], *, bos: str = "", eos: str = "",
-           add_generation_prompt: bool = True) -> str:
-    """The prompt text for ``messages`` as the model was trained to see it."""
-    from jinja2 import TemplateError
+@lru_cache(maxsize=8)
+def _compile(template: str):
+    """A template compiled once: a batch or a server renders the same one for every request."""
     from jinja2.sandbox import ImmutableSandboxedEnvironment
 
     env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
     env.filters["tojson"] = _tojson
     env.globals.update(raise_exception=_raise,
                        strftime_now=lambda fmt: datetime.now().strftime(fmt))
+    return env.from_string(template)
+
+
+def render(template: str, messages: list[dict], *, bos: str = "", eos: str = "",
+           add_generation_prompt: bool = True) -> str:
+    """The prompt text for ``messages`` as the model was trained to see it."""
+    from jinja2 import TemplateError
+
     try:
-        return env.from_string(template).render(
+        return _compile(template).render(
             messages=messages, bos_token=bos, eos_token=eos,
             add_generation_prompt=add_generation_prompt)
     except TemplateFailed:

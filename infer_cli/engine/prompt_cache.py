@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from .paths import infer_home
+from infer_cli.files import atomic_output
+from infer_cli.paths import infer_home
 
 MAGIC = b"INFERKV\x01"
 FORMAT = 1
@@ -183,15 +184,12 @@ class PromptCache:
                   "state_sha256": hashlib.sha256(data).hexdigest(), "created": time.time()}
         body = json.dumps(header, separators=(",", ":")).encode()
         self.folder.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{name}.{os.getpid()}.tmp")
         try:
-            with tmp.open("wb") as f:
+            with atomic_output(path) as tmp, tmp.open("wb") as f:
                 f.write(MAGIC + struct.pack("<I", len(body)) + body)
                 f.write(data)
-            os.replace(tmp, path)
         except OSError:
-            _unlink(tmp)  # a full disk costs the cache entry, never the answer
-            return None
+            return None  # a full disk costs the cache entry, never the answer
         evict(self.root, self.limit)
         return path
 

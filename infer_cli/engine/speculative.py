@@ -17,7 +17,7 @@ import statistics
 import time
 from dataclasses import dataclass, field
 
-from .errors import DraftIncompatible
+from infer_cli.errors import DraftIncompatible
 
 # llama.cpp's rules for a usable draft (common/speculative.cpp).
 VOCAB_MAX_SIZE_DIFFERENCE = 128
@@ -86,7 +86,7 @@ def check_compatible(target, draft) -> None:
 
 def _token_texts(model) -> list:
     """Token texts from the GGUF (one read of the array) rather than a C call per token."""
-    from .gguf_info import read_gguf
+    from infer_cli.models.gguf_info import read_gguf
 
     tokens = read_gguf(model.path, arrays=True).get("tokenizer.ggml.tokens")
     if isinstance(tokens, list):

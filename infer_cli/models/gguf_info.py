@@ -25,9 +25,10 @@ from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any, BinaryIO, Iterable
 
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType, LlamaFileType
+from gguf.constants import LlamaFileType
 
-from .errors import BadModelFile, human_bytes
+from infer_cli import ggml
+from infer_cli.errors import BadModelFile, human_bytes
 
 GGUF_MAGIC = b"GGUF"
 SUPPORTED_VERSIONS = (2, 3)
@@ -262,9 +263,21 @@ def read_gguf(path: str | os.PathLike[str], *, arrays: bool = False) -> GGUFInfo
     f, size = _open(path)
     with f:
         try:
-            return _Parser(_Reader(f, size, path), arrays).parse()
+            return parse_header(f, size, path, arrays=arrays)
         except OSError as e:
             raise BadModelFile(path, f"read error: {e.strerror or e}") from None
+
+
+def parse_header(f: BinaryIO, size: int, name: str, *, arrays: bool = False) -> GGUFInfo:
+    """Parse a GGUF header from ``f``, a binary file object of ``size`` bytes, as ``read_gguf``
+    does; ``name`` stands for the file in messages and in ``GGUFInfo.path``.
+
+    ``f`` needs only ``seek(pos)`` and ``read(n)``. It may hold fewer bytes than ``size`` (the
+    start of a remote file): when the parse needs bytes it does not have, the BadModelFile has
+    ``truncated`` set and ``at`` below ``size``, and a longer prefix may succeed. Read errors of
+    ``f`` propagate as they are.
+    """
+    return _Parser(_Reader(f, size, name), arrays).parse()
 
 
 def read_split(paths: Iterable[str | os.PathLike[str]], *, arrays: bool = False) -> GGUFInfo:
@@ -387,7 +400,7 @@ def _open(path: str) -> tuple[BinaryIO, int]:
     size = os.fstat(f.fileno()).st_size  # of what we opened, should the path have changed
     if size == 0:
         f.close()
-        raise BadModelFile(path, "the file is empty (0 bytes)")
+        raise BadModelFile(path, "the file is empty (0 bytes)", truncated=True, at=0)
     return f, size
 
 
@@ -409,13 +422,19 @@ class _Reader:
     def bad(self, reason: str) -> BadModelFile:
         return BadModelFile(self.path, reason)
 
+    def truncated(self, reason: str, at: int | None = None) -> BadModelFile:
+        """The bytes end (at ``at``, by default the file's size) before what the header needs."""
+        return BadModelFile(self.path, reason, truncated=True, at=self.size if at is None else at)
+
     def remaining(self) -> int:
         return self.size - self.pos
 
     def window(self, n: int) -> int:
         """Make bytes [pos, pos+n) available in ``buf``; return the index of ``pos`` in it."""
         if n > self.size - self.pos:
-            raise self.bad(f"truncated: the file ends at byte {self.size:,}, inside {self.where}")
+            raise self.truncated(
+                f"truncated: the file ends at byte {self.size:,}, inside {self.where}"
+            )
         off = self.pos - self.base
         if off < 0 or off + n > len(self.buf):
             self.buf = self._read_at(self.pos, min(max(n, _READ_CHUNK), self.size - self.pos), n)
@@ -432,12 +451,16 @@ class _Reader:
             parts.append(part)
             got += len(part)
         if got < need:  # the file shrank since we measured it
-            raise self.bad(f"truncated: the file ends at byte {pos + got:,}, inside {self.where}")
+            raise self.truncated(
+                f"truncated: the file ends at byte {pos + got:,}, inside {self.where}", at=pos + got
+            )
         return b"".join(parts)
 
     def advance(self, n: int) -> None:
         if n > self.size - self.pos:
-            raise self.bad(f"truncated: the file ends at byte {self.size:,}, inside {self.where}")
+            raise self.truncated(
+                f"truncated: the file ends at byte {self.size:,}, inside {self.where}"
+            )
         self.pos += n
 
     def u32(self) -> int:
@@ -467,7 +490,7 @@ class _Reader:
 
     def _check_string_length(self, n: int, what: str) -> None:
         if n > self.size - self.pos:
-            raise self.bad(
+            raise self.truncated(
                 f"truncated: {what} claims a string of {_count(n)} bytes "
                 f"but only {human_bytes(self.size - self.pos)} remain"
             )
@@ -544,9 +567,9 @@ class _Parser:
         self._check_count(n_tensors, _MIN_TENSOR_INFO, "tensors")  # again, now that we know more
         raw = self._tensor_table(n_tensors)
         # llama.cpp pads to the alignment only when there is tensor data to align.
-        data_offset = _pad(r.pos, alignment) if n_tensors else r.pos
+        data_offset = align(r.pos, alignment) if n_tensors else r.pos
         if data_offset > r.size:
-            raise r.bad(
+            raise r.truncated(
                 f"truncated: tensor data would start at byte {data_offset:,} "
                 f"but the file ends at {r.size:,}"
             )
@@ -563,7 +586,7 @@ class _Parser:
         if head[:4] != GGUF_MAGIC[: len(head[:4])]:
             raise r.bad(f"not a GGUF file (magic is {head[:4]!r})")
         if len(head) < 8:
-            raise r.bad(
+            raise r.truncated(
                 f"truncated: the file has only {_plural(r.size, 'byte')}, less than a GGUF header"
             )
         version = _U32(head, 4)[0]
@@ -576,7 +599,7 @@ class _Parser:
     def _check_count(self, n: int, min_size: int, what: str) -> None:
         # Python ints do not overflow, so n * min_size is exact even for n = 2^64 - 1.
         if n * min_size > self.r.remaining():
-            raise self.r.bad(
+            raise self.r.truncated(
                 f"truncated: the header says {_count(n)} {what} "
                 f"but the file has {human_bytes(self.r.size)}"
             )
@@ -625,7 +648,7 @@ class _Parser:
             raise r.bad(f"'{key}' is an array of unknown value type {etype}")
         type_name = _TYPE_NAMES[etype]
         if count * _MIN_ELEMENT_SIZE[etype] > r.remaining():
-            raise r.bad(
+            raise r.truncated(
                 f"truncated: '{key}' claims an array of {_count(count)} {type_name} elements "
                 f"but only {human_bytes(r.remaining())} remain"
             )
@@ -673,8 +696,10 @@ class _Parser:
             names.add(name)
             shape = self._shape(name)
             ggml_type = r.u32()
-            if ggml_type not in GGML_QUANT_SIZES:
-                raise r.bad(f"tensor '{name}' has unknown ggml type {ggml_type}")
+            try:
+                ggml.block(ggml_type)
+            except (KeyError, ValueError):  # an id ggml does not have, or one without a known size
+                raise r.bad(f"tensor '{name}' has unknown ggml type {ggml_type}") from None
             rows.append((name, shape, ggml_type, r.u64()))
         return rows
 
@@ -699,8 +724,8 @@ class _Parser:
     def _place_tensors(self, rows, data_offset: int, alignment: int) -> list[TensorInfo]:
         r, tensors, expected = self.r, [], 0
         for name, shape, ggml_type, rel in rows:
-            block, type_size = GGML_QUANT_SIZES[ggml_type]  # type: ignore[index]
-            type_name = GGMLQuantizationType(ggml_type).name
+            block, type_size = ggml.block(ggml_type)
+            type_name = ggml.TYPE_NAMES[ggml_type]
             row = shape[0] if shape else 1
             if row % block:
                 raise r.bad(
@@ -716,7 +741,7 @@ class _Parser:
                 )
             end = data_offset + rel + n_bytes
             if end > r.size:
-                raise r.bad(
+                raise r.truncated(
                     f"tensor '{name}' would lie past the end of the file: the file is truncated "
                     f"(the tensor ends at byte {end:,}, the file has {r.size:,})"
                 )
@@ -726,7 +751,7 @@ class _Parser:
                     f"tensor '{name}' is at data offset {rel:,} but the tensors before it end "
                     f"at {expected:,} (llama.cpp needs them packed in order)"
                 )
-            expected += _pad(n_bytes, alignment)
+            expected += align(n_bytes, alignment)
             offset = data_offset + rel
             tensors.append(
                 TensorInfo(name, shape, ggml_type, type_name, offset, n_elements, n_bytes)
@@ -840,7 +865,8 @@ def _str_or_none(value: Any) -> str | None:
     return value if isinstance(value, str) else None
 
 
-def _pad(n: int, alignment: int) -> int:
+def align(n: int, alignment: int) -> int:
+    """``n`` rounded up to a multiple of ``alignment``: where GGUF puts the next tensor's data."""
     return (n + alignment - 1) // alignment * alignment
 
 

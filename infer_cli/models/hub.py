@@ -56,6 +56,7 @@ except ImportError:  # pragma: no cover
     import httpx  # type: ignore[no-redef]
 
 from infer_cli import paths
+from infer_cli.files import atomic_write, free_bytes
 from infer_cli.errors import (
     BadReference,
     ChecksumMismatch,
@@ -215,8 +216,10 @@ def _is_aux(name: str) -> bool:
 
 
 @dataclass
-class _Unit:
-    """A loadable model: one .gguf, or all shards of a split one (``missing`` names absent shards)."""
+class GGUFUnit:
+    """A loadable model: one .gguf, or all shards of a split one (``missing`` names absent shards).
+
+    ``aux`` marks projector and importance-matrix GGUFs, which are never a model to run."""
 
     files: list[HubFile]
     missing: list[str] = field(default_factory=list)
@@ -239,16 +242,17 @@ class _Unit:
         return _is_aux(self.name)
 
 
-def _units(files: Iterable[HubFile]) -> list[_Unit]:
-    """Group GGUF files into units; shards of one split (same prefix and count) become one unit."""
-    singles: list[_Unit] = []
+def gguf_units(files: Iterable[HubFile]) -> list[GGUFUnit]:
+    """The GGUFs among ``files`` as loadable units, in path order: shards of one split (same
+    prefix and count) become one unit; files that are not .gguf are left out."""
+    singles: list[GGUFUnit] = []
     splits: dict[tuple[str, str], dict[int, HubFile]] = {}
     for f in files:
         if not _is_gguf(f.filename):
             continue
         m = _SPLIT_RE.search(f.filename)
         if m is None:
-            singles.append(_Unit([f]))
+            singles.append(GGUFUnit([f]))
         else:
             key = (f.filename[: m.start()].lower(), m.group("count"))
             splits.setdefault(key, {})[int(m.group("index"))] = f
@@ -258,7 +262,7 @@ def _units(files: Iterable[HubFile]) -> list[_Unit]:
     return sorted(units, key=_path_key)
 
 
-def _split_unit(shards: dict[int, HubFile]) -> _Unit:
+def _split_unit(shards: dict[int, HubFile]) -> GGUFUnit:
     sample = next(iter(shards.values())).filename
     m = _SPLIT_RE.search(sample)
     assert m is not None
@@ -269,10 +273,10 @@ def _split_unit(shards: dict[int, HubFile]) -> _Unit:
         return sample[: m.start("index")] + f"{i:0{width}d}" + sample[m.end("index") :]
 
     missing = [shard_name(i) for i in range(1, count + 1) if i not in shards]
-    return _Unit([shards[i] for i in sorted(shards)], missing)
+    return GGUFUnit([shards[i] for i in sorted(shards)], missing)
 
 
-def _path_key(unit: _Unit) -> tuple[int, str]:
+def _path_key(unit: GGUFUnit) -> tuple[int, str]:
     # Files at the repo root before files in folders, then by name: a stable, unsurprising order.
     return (unit.name.count("/"), unit.name)
 
@@ -284,7 +288,7 @@ def _loose_match(quant: str, path: str) -> bool:
     return re.search(pattern, path, re.IGNORECASE) is not None
 
 
-def _preferred(units: list[_Unit]) -> _Unit:
+def _preferred(units: list[GGUFUnit]) -> GGUFUnit:
     """The default among ``units``: see the module docstring for the order."""
     for quant in DEFAULT_QUANTS:
         hits = [u for u in units if u.label == quant]
@@ -305,7 +309,7 @@ def _choose(
     repo_id: str, files: list[HubFile], quant: str | None, filename: str | None, revision: str | None
 ) -> list[HubFile]:
     """Apply the selection rules to a repo's file list; returns the files to fetch, in order."""
-    units = _units(files)
+    units = gguf_units(files)
     if filename:
         unit = _unit_for_filename(repo_id, files, units, filename, revision)
     else:
@@ -332,8 +336,8 @@ def _choose(
 
 
 def _unit_for_filename(
-    repo_id: str, files: list[HubFile], units: list[_Unit], filename: str, revision: str | None
-) -> _Unit:
+    repo_id: str, files: list[HubFile], units: list[GGUFUnit], filename: str, revision: str | None
+) -> GGUFUnit:
     by_name = {f.filename: f for f in files}
     hit = by_name.get(filename.strip("/"))
     if hit is None:
@@ -348,7 +352,7 @@ def _unit_for_filename(
     for unit in units:
         if any(f.filename == hit.filename for f in unit.files):
             return unit
-    return _Unit([hit])  # not a .gguf: fetched as named
+    return GGUFUnit([hit])  # not a .gguf: fetched as named
 
 
 # ----------------------------------------------------------------------------------------------- select
@@ -389,6 +393,20 @@ class _Unreachable(Exception):
         self.reason = reason
 
 
+def list_repo_files(
+    repo_id: str, revision: str = DEFAULT_REVISION, *, token: str | bool | None = None
+) -> tuple[str | None, list[HubFile]]:
+    """The commit ``revision`` of ``repo_id`` points at, and every file of it with its size and,
+    for LFS files, its sha256. One API call; no cache fallback (``select`` has that).
+
+    Raises RepoNotFound, BadReference, NotCachedOffline (HF_HUB_OFFLINE) or DownloadFailed (the
+    Hub cannot be reached or answered with an error)."""
+    try:
+        return _list_repo(repo_id, revision, token)
+    except _Unreachable as err:
+        raise DownloadFailed(repo_id, err.reason) from None
+
+
 def _list_repo(repo_id: str, revision: str, token: str | bool | None) -> tuple[str | None, list[HubFile]]:
     """The commit ``revision`` points at, and every file with size and sha256 (LFS files)."""
     api = HfApi(endpoint=paths.hf_endpoint(), library_name="infer", library_version=_version())
@@ -415,15 +433,22 @@ def _list_repo(repo_id: str, revision: str, token: str | bool | None) -> tuple[s
 def _select_cached(repo_id: str, quant: str | None, filename: str | None, revision: str | None) -> HubSelection:
     """``select`` over the snapshots in the local cache: the one ``revision`` (default main) points at
     first; without an explicit revision, any other snapshot next, newest first."""
-    storage = _storage(repo_id)
-    for commit in _candidate_commits(storage, revision):
-        files = _snapshot_files(repo_id, storage / "snapshots" / commit)
+    for snapshot in cached_snapshots(repo_id, revision):
+        files = _snapshot_files(repo_id, snapshot)
         try:
             chosen = _choose(repo_id, files, quant, filename, revision)
         except (QuantNotFound, ModelNotFound):
             continue
-        return HubSelection(repo_id, revision or DEFAULT_REVISION, chosen, commit=commit)
+        return HubSelection(repo_id, revision or DEFAULT_REVISION, chosen, commit=snapshot.name)
     raise NotCachedOffline(_describe(repo_id, quant, filename, revision))
+
+
+def cached_snapshots(repo_id: str, revision: str | None = None) -> list[Path]:
+    """The snapshot folders of ``repo_id`` in the local cache that an offline lookup may use: the
+    one ``revision`` (default main) points at first; without an explicit revision, every other
+    snapshot after it, newest first. No network. Raises BadReference for a malformed repo id."""
+    storage = _storage(repo_id)
+    return [storage / "snapshots" / commit for commit in _candidate_commits(storage, revision)]
 
 
 def _candidate_commits(storage: Path, revision: str | None) -> list[str]:
@@ -462,14 +487,6 @@ def _snapshot_files(repo_id: str, snapshot: Path) -> list[HubFile]:
 # ----------------------------------------------------------------------------------------------- pull
 
 
-def disk_free(path: Path) -> int:
-    """Free bytes on the filesystem that holds ``path`` (or its nearest existing parent)."""
-    probe = Path(path)
-    while not probe.exists() and probe != probe.parent:
-        probe = probe.parent
-    return shutil.disk_usage(probe).free
-
-
 ProgressFn = Callable[[str, int, int], None]
 
 
@@ -501,7 +518,7 @@ def pull(
     *,
     token: str | bool | None = None,
     progress: ProgressFn | None = None,
-    free_space: Callable[[Path], int] = disk_free,
+    free_space: Callable[[Path], int] = free_bytes,
 ) -> list[Path]:
     """Make every file of ``sel`` complete in the HF cache; returns their snapshot paths, in order.
 
@@ -527,7 +544,7 @@ def pull(
         free = free_space(cache)
         if free < needed:
             raise NotEnoughDisk(str(cache), needed, free)
-    headers = _headers(token)
+    headers = auth_headers(token)
     for plan in plans:
         _execute(plan, storage, headers, progress)
     for commit in {p.commit for p in plans}:
@@ -757,12 +774,12 @@ def list_cached_ggufs() -> list[CachedGGUF]:
         snapshots = storage / "snapshots"
         for snapshot in sorted(snapshots.iterdir()) if snapshots.is_dir() else []:
             files = _snapshot_files(repo_id, snapshot)
-            for unit in _units(files):
+            for unit in gguf_units(files):
                 out.append(_cached_entry(repo_id, snapshot, refs.get(snapshot.name, []), unit))
     return sorted(out, key=lambda c: (c.repo_id, c.filename, c.commit))
 
 
-def _cached_entry(repo_id: str, snapshot: Path, revisions: list[str], unit: _Unit) -> CachedGGUF:
+def _cached_entry(repo_id: str, snapshot: Path, revisions: list[str], unit: GGUFUnit) -> CachedGGUF:
     files = [snapshot / f.filename for f in unit.files]
     stats = [p.stat() for p in files]
     return CachedGGUF(
@@ -901,9 +918,7 @@ def _write_ref(storage: Path, revision: str, commit: str) -> None:
     ref.parent.mkdir(parents=True, exist_ok=True)
     if ref.is_file() and ref.read_text().strip() == commit:
         return
-    tmp = ref.with_name(f"{ref.name}.{os.getpid()}.tmp")
-    tmp.write_text(commit)
-    os.replace(tmp, ref)
+    atomic_write(ref, commit)
 
 
 def _resolve_ref(storage: Path, revision: str) -> str | None:
@@ -943,8 +958,9 @@ def _repo_id_of(storage: Path) -> str:
     return "/".join(storage.name.split(hf_constants.REPO_ID_SEPARATOR)[1:])
 
 
-def _headers(token: str | bool | None) -> dict[str, str]:
-    # token=None lets huggingface_hub resolve it (HF_TOKEN, then the stored login).
+def auth_headers(token: str | bool | None = None) -> dict[str, str]:
+    """The headers of a request to the Hub: user agent, and Authorization when a token is known
+    (token=None lets huggingface_hub resolve it: HF_TOKEN, then the stored login)."""
     return build_hf_headers(token=token, library_name="infer", library_version=_version())
 
 

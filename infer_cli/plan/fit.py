@@ -39,14 +39,13 @@ import sys
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any
 
-from .errors import BadModelFile, BadOption
+from infer_cli import ggml
+from infer_cli.errors import BadModelFile, BadOption
+from infer_cli.options import ALL_LAYERS, FLASH_ATTN, Options
 
 MIB = 1 << 20
 GIB = 1 << 30
 CTX_PAD = 256
-# ggml types of the KV cache: (block size, bytes per block)
-KV_TYPE_SIZES = {"f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "q8_0": (32, 34), "q4_0": (32, 18),
-                 "q4_1": (32, 20), "iq4_nl": (32, 18), "q5_0": (32, 22), "q5_1": (32, 24)}
 # Default sliding-window period per architecture when the GGUF has no pattern key
 # (load_swa_pattern calls in src/models/*.cpp); (period, dense_first).
 SWA_DEFAULT_PATTERN = {"gemma2": (2, False), "gemma3": (6, False), "gemma3n": (5, False),
@@ -89,36 +88,6 @@ RAM_MARGIN = 0.10       # and 10% of the available RAM
 
 # ----------------------------------------------------------------------------------------------
 # Inputs
-
-
-@dataclass(frozen=True)
-class Options:
-    """The context a plan is for (mirrors engine.EngineOptions; gpu_layers None = choose)."""
-
-    n_ctx: int = 4096
-    n_batch: int = 2048
-    n_ubatch: int = 512
-    cache_type_k: str = "f16"
-    cache_type_v: str = "f16"
-    flash_attn: str = "auto"   # auto resolves to on: every backend here supports it
-    swa_full: bool = False
-    gpu_layers: int | None = None
-    mmap: bool = True          # weights mapped from the file (llama.cpp's default)
-
-    def check(self) -> None:
-        for name, value in (("--cache-type-k", self.cache_type_k), ("--cache-type-v", self.cache_type_v)):
-            if value not in KV_TYPE_SIZES:
-                raise BadOption(name, value, f"one of {', '.join(KV_TYPE_SIZES)}")
-        if self.flash_attn not in ("auto", "on", "off"):
-            raise BadOption("--flash-attn", self.flash_attn, "auto, on or off")
-        if self.flash_attn == "off" and self.cache_type_v not in ("f32", "f16", "bf16"):
-            raise BadOption("--cache-type-v", self.cache_type_v, "f16 with --flash-attn off")
-        if self.n_ctx < 8 or self.n_ubatch < 1 or self.n_batch < 1:
-            raise BadOption("--ctx/--ubatch", f"{self.n_ctx}/{self.n_ubatch}", "positive sizes, ctx >= 8")
-
-    @property
-    def fa(self) -> bool:
-        return self.flash_attn != "off"
 
 
 @dataclass(frozen=True)
@@ -258,7 +227,7 @@ class Plan:
 
 def facts(info) -> Model:
     """The plan's view of a ``gguf_info.GGUFInfo``; BadModelFile when a needed key is missing."""
-    from .gguf_info import ArrayInfo
+    from infer_cli.models.gguf_info import ArrayInfo
 
     arch = info.architecture or "?"
     n_layer, n_embd, n_head = info.block_count, info.embedding_length, info.head_count
@@ -333,8 +302,7 @@ def _pad(n: int, to: int) -> int:
 
 
 def _row_bytes(n: int, kv_type: str) -> int:
-    block, size = KV_TYPE_SIZES[kv_type]
-    return n // block * size
+    return ggml.row_bytes(n, kv_type)
 
 
 @dataclass(frozen=True)
@@ -350,7 +318,8 @@ def _context(m: Model, o: Options) -> _Ctx:
     n_ubatch = min(n_batch, o.n_ubatch)
     n_swa = n_ctx
     if any(m.swa_layers) and not o.swa_full:
-        n_swa = _pad(min(n_ctx, m.n_swa + n_ubatch), CTX_PAD)
+        # one unified pool: every sequence keeps its own window (llama-kv-cache-iswa.cpp)
+        n_swa = _pad(min(n_ctx, m.n_swa * o.n_seq + n_ubatch), CTX_PAD)
     return _Ctx(n_ctx, n_swa, n_ubatch)
 
 
@@ -466,9 +435,9 @@ def _offloaded(m: Model, o: Options, c: _Ctx, first_gpu: int, out_on_gpu: bool) 
     return cpu, gpu
 
 
-def output_bytes(m: Model) -> int:
-    """The logits of one output row, f32 (n_seq_max = 1), as llama.cpp first reserves them."""
-    return m.n_vocab * 4
+def output_bytes(m: Model, n_seq: int = 1) -> int:
+    """The logits of one output row per sequence, f32, as llama.cpp first reserves them."""
+    return m.n_vocab * 4 * n_seq
 
 
 # ----------------------------------------------------------------------------------------------
@@ -478,7 +447,7 @@ def output_bytes(m: Model) -> int:
 def memory(m: Model, hw: Hardware, o: Options, gpu_layers: int) -> tuple[Memory, Memory]:
     """(cpu, gpu) memory with ``gpu_layers`` offloaded (llama.cpp's n_gpu_layers semantics)."""
     c = _context(m, o)
-    gpu_layers = max(0, min(gpu_layers, m.n_layer + 1)) if hw.vram > 0 else 0
+    gpu_layers = layers_on_gpu(m, gpu_layers) if hw.vram > 0 else 0
     first_gpu = m.n_layer + 1 - gpu_layers  # blocks il >= first_gpu run on the GPU
     out_on_gpu = gpu_layers >= 1
     cpu, gpu = Memory(), Memory()
@@ -497,7 +466,7 @@ def memory(m: Model, hw: Hardware, o: Options, gpu_layers: int) -> tuple[Memory,
         span = m.mapped_span(groups)
         if span is not None:
             cpu.weights = max(cpu.weights, span)
-    cpu.output = _pad(output_bytes(m), 32)
+    cpu.output = _pad(output_bytes(m, o.n_seq), 32)
     if hw.vram > 0 and hw.backend == "cuda" and c.n_ubatch >= CUDA_OFFLOAD_MIN_BATCH:
         cpu.compute, gpu.compute = _offloaded(m, o, c, first_gpu, out_on_gpu)
         gpu.overhead = GPU_OVERHEAD["cuda"]  # the CUDA context exists even with 0 layers
@@ -549,7 +518,7 @@ def plan(info_or_model, hardware: Hardware, options: Options = Options(), *,
                      vram=max(0, hardware.vram - int((d.gpu.total - d.gpu.overhead) / (1 - VRAM_MARGIN))))
     c = _context(m, options)
     if options.gpu_layers is not None:
-        n = max(0, min(options.gpu_layers, m.n_layer + 1)) if hw.vram > 0 else 0
+        n = layers_on_gpu(m, options.gpu_layers) if hw.vram > 0 else 0
     else:
         n = _most_layers(m, hw, options)
     cpu, gpu = memory(m, hw, options, n)
@@ -570,6 +539,11 @@ def plan(info_or_model, hardware: Hardware, options: Options = Options(), *,
     if options.n_ctx > m.n_ctx_train:
         p.notes.append(f"context {options.n_ctx} is beyond the training context {m.n_ctx_train}")
     return p
+
+
+def layers_on_gpu(m: Model, gpu_layers: int) -> int:
+    """llama.cpp's reading of n_gpu_layers: ALL_LAYERS (or more than there are) is every layer."""
+    return m.n_layer + 1 if gpu_layers == ALL_LAYERS else max(0, min(gpu_layers, m.n_layer + 1))
 
 
 def _most_layers(m: Model, hw: Hardware, o: Options) -> int:
@@ -613,8 +587,12 @@ class Suggestion:
 
 
 def suggestions(m: Model, hardware: Hardware, options: Options, *, draft=None) -> list[Suggestion]:
-    """What to change when ``options`` do not give a full GPU fit: each change with its plan."""
-    out: list[Suggestion] = []
+    """Changes that gain something, each with its plan: when ``options`` do not fit, the changes
+    that make the model fit (all of them, if none does alone: each shows what it saves);
+    when they fit, only those that fit with more layers on the GPU. Nothing else: a smaller
+    quant, a shorter context or a quantized KV cache costs quality or room, and is no advice
+    for a model that already runs as well as this hardware allows."""
+    base = plan(m, hardware, options, draft=draft)
     tries = []
     if options.cache_type_k != "q8_0" or options.cache_type_v != "q8_0":
         tries.append(("--cache-type-k q8_0 --cache-type-v q8_0",
@@ -623,9 +601,7 @@ def suggestions(m: Model, hardware: Hardware, options: Options, *, draft=None) -
         tries.append((f"--ctx {options.n_ctx // 2}", replace(options, n_ctx=options.n_ctx // 2)))
     if options.n_ubatch > 128:
         tries.append(("--ubatch 128", replace(options, n_ubatch=128)))
-    for change, o in tries:
-        p = plan(m, hardware, o, draft=draft)
-        out.append(Suggestion(change, p))
+    out = [Suggestion(change, plan(m, hardware, o, draft=draft)) for change, o in tries]
     if m.quant:
         # a smaller quant: the weights scale with bits per weight (Q4_K_M ~4.8, Q3_K_M ~3.9)
         small = replace(m, layer_bytes=tuple(int(b * 0.6) for b in m.layer_bytes),
@@ -633,7 +609,9 @@ def suggestions(m: Model, hardware: Hardware, options: Options, *, draft=None) -
                         tied_bytes=int(m.tied_bytes * 0.6))
         out.append(Suggestion("a quant ~40% smaller (e.g. Q4_K_M instead of Q8_0, Q3_K_M instead of Q4_K_M)",
                               plan(small, hardware, options, draft=draft)))
-    return out
+    if not base.fits:
+        return [s for s in out if s.plan.fits] or out
+    return [s for s in out if s.plan.fits and s.plan.gpu_layers > base.gpu_layers]
 
 
 # ----------------------------------------------------------------------------------------------
@@ -659,7 +637,7 @@ def check(path: str, configs: list[Options], *, timeout: float = 120, decode: bo
     context with one output per ubatch (what ordinary generation asks for), giving
     ``compute_decode`` to compare with ``decode_compute_bytes``."""
     payload = json.dumps({"path": str(path), "configs": [asdict(c) for c in configs], "decode": decode})
-    proc = subprocess.run([sys.executable, "-m", "infer_cli.fit"], input=payload, text=True,
+    proc = subprocess.run([sys.executable, "-m", "infer_cli.plan.fit"], input=payload, text=True,
                           capture_output=True, timeout=timeout)
     results = []
     lines = [ln for ln in proc.stdout.splitlines() if ln.startswith("{")]
@@ -673,16 +651,12 @@ def check(path: str, configs: list[Options], *, timeout: float = 120, decode: bo
     return results
 
 
-_FA = {"auto": -1, "off": 0, "on": 1}
-
-
 def _dry_run_main() -> None:
     import ctypes
 
     import llama_cpp as L
 
-    from . import llama_log
-    from .engine import KV_TYPES
+    from infer_cli.engine import llama_log
 
     req = json.loads(sys.stdin.read())
     llama_log.install()
@@ -702,8 +676,10 @@ def _dry_run_main() -> None:
     def params(cfg, n_outputs_max=0):
         c = L.llama_context_default_params()
         c.n_ctx, c.n_batch, c.n_ubatch = cfg["n_ctx"], cfg["n_batch"], cfg["n_ubatch"]
-        c.type_k, c.type_v = KV_TYPES[cfg["cache_type_k"]], KV_TYPES[cfg["cache_type_v"]]
-        c.flash_attn_type = _FA[cfg["flash_attn"]]
+        c.n_seq_max = cfg.get("n_seq", 1)
+        c.kv_unified = c.n_seq_max > 1  # as the engine builds it
+        c.type_k, c.type_v = ggml.type_id(cfg["cache_type_k"]), ggml.type_id(cfg["cache_type_v"])
+        c.flash_attn_type = FLASH_ATTN[cfg["flash_attn"]]
         c.swa_full = cfg["swa_full"]
         c.no_perf = True
         c.n_threads = c.n_threads_batch = 1
@@ -722,7 +698,8 @@ def _dry_run_main() -> None:
         L.llama_free(ctx)
         if req.get("decode"):
             mark = llama_log.mark()
-            ctx = L.llama_init_from_model(model, params(cfg, 1))
+            # one output per sequence: what a decode step of every sequence asks for
+            ctx = L.llama_init_from_model(model, params(cfg, cfg.get("n_seq", 1)))
             if ctx:
                 r["compute_decode"] = llama_log.buffer_bytes(llama_log.since(mark), "compute")
                 L.llama_free(ctx)
@@ -738,71 +715,9 @@ if __name__ == "__main__":
 # Hub repos: headers through HTTP range requests
 
 
-class _Prefix:
-    """A read-only file over the first bytes of a remote file: reads past them return nothing,
-    which the GGUF reader reports as truncation at ``len(data)``."""
-
-    def __init__(self, data: bytes):
-        self.data, self.pos = data, 0
-
-    def seek(self, pos: int) -> None:
-        self.pos = pos
-
-    def read(self, n: int) -> bytes:
-        out = self.data[self.pos:self.pos + n]
-        self.pos += len(out)
-        return out
-
-
-def read_remote(repo_id: str, filename: str, size: int, *, revision: str = "main",
-                first: int = 1 << 20, limit: int = 64 << 20):
-    """The GGUFInfo of ``filename`` in a hub repo, from range requests of growing prefixes
-    (1 MiB, then doubling up to 64 MiB). Nothing is downloaded whole."""
-    from huggingface_hub import hf_hub_url
-
-    from . import gguf_info, hub, paths
-
-    httpx = hub.httpx  # huggingface_hub's own HTTP stack (httpx2 or httpx)
-
-    url = hf_hub_url(repo_id, filename, revision=revision, endpoint=paths.hf_endpoint())
-    headers = hub._headers(None)
-    data = b""
-    want = first
-    with httpx.Client(follow_redirects=True, timeout=30) as client:
-        while True:
-            if len(data) < want:
-                r = client.get(url, headers={**headers, "Range": f"bytes={len(data)}-{want - 1}"})
-                if r.status_code not in (200, 206):
-                    from .errors import DownloadFailed
-
-                    raise DownloadFailed(f"{repo_id}/{filename}", f"the Hub answered HTTP {r.status_code}")
-                chunk = r.content if r.status_code == 206 else r.content[len(data):want]
-                data += chunk[: want - len(data)]
-            reader = gguf_info._Reader(_Prefix(data), size, f"{repo_id}/{filename}")
-            try:
-                return gguf_info._Parser(reader, False).parse()
-            except BadModelFile as e:
-                truncated = e.reason.startswith("truncated:")
-                if not truncated or len(data) >= size or want >= limit:
-                    raise
-                want = min(want * 4, limit, size)
-
-
 def hub_infos(repo_id: str, *, revision: str | None = None) -> list[tuple[str, Any]]:
-    """(quant, GGUFInfo) for each GGUF of a hub repo (first shard of a split), headers only."""
-    from . import hub
+    """(quant, GGUFInfo) for each GGUF of a hub repo (first shard of a split), headers only:
+    what `infer fit ORG/REPO` plans for, without downloading a model."""
+    from infer_cli.models import remote
 
-    rev = revision or "main"
-    commit, files = hub._list_repo(repo_id, rev, None)
-    out = []
-    for unit in hub._units(files):
-        if unit.aux or unit.missing:
-            continue
-        infos = [read_remote(repo_id, f.filename, f.size or 0, revision=commit or rev)
-                 for f in unit.files]
-        info = infos[0]
-        if len(infos) > 1:  # a split GGUF: metadata from the first shard, every shard's tensors
-            info = replace(info, tensors=[t for i in infos for t in i.tensors],
-                           file_size=sum(i.file_size for i in infos))
-        out.append((unit.label or unit.name, info))
-    return out
+    return remote.repo_infos(repo_id, revision=revision)

@@ -16,11 +16,12 @@ import shutil
 import subprocess
 from dataclasses import dataclass, field
 
-from .errors import BadOption
+from infer_cli import PINNED_LLAMA_CPP
+from infer_cli.errors import BadOption
 
 GIB = 1 << 30
 REINSTALL_CUDA = ('CMAKE_ARGS="-DGGML_CUDA=on" pip install --force-reinstall --no-cache-dir '
-                  'llama-cpp-python==0.3.36')
+                  f'llama-cpp-python=={PINNED_LLAMA_CPP}')
 
 
 @dataclass
@@ -49,7 +50,7 @@ class MachineInfo:
 
     def hardware(self):
         """This machine as a ``fit.Hardware`` (the first GPU, if llama.cpp can use it)."""
-        from .fit import Hardware
+        from infer_cli.plan.fit import Hardware
 
         gpu = self.gpus[0] if self.gpus and self.gpu_offload else None
         if gpu is None:
@@ -167,17 +168,44 @@ def _apple() -> list[GPU]:
     return [GPU(chip, limit, None, "metal", None, None, "sysctl")]
 
 
-def _llama_devices(llama_cpp) -> list[str]:
-    """llama.cpp's own device list ('CPU', 'CUDA0 (NVIDIA H100)', ...) through libggml."""
+def libggml(llama_cpp) -> ctypes.CDLL | None:
+    """The libggml that ``llama_cpp`` loaded (its ``lib`` folder), for the ggml calls the binding
+    does not wrap; None when it is not there. Its symbols include libggml-base's."""
     lib_dir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
     for name in ("libggml.so", "libggml.dylib", "ggml.dll"):
         path = os.path.join(lib_dir, name)
         if os.path.exists(path):
-            break
-    else:
+            try:
+                return ctypes.CDLL(path)
+            except OSError:
+                return None
+    return None
+
+
+def llama_backends(llama_cpp) -> list[str]:
+    """The ggml backends this llama.cpp build registered ('CPU', 'CUDA', 'Metal', ...), whether
+    or not a device for them is present; empty when libggml cannot be asked."""
+    lib = libggml(llama_cpp)
+    if lib is None:
         return []
     try:
-        lib = ctypes.CDLL(path)
+        lib.ggml_backend_reg_count.restype = ctypes.c_size_t
+        lib.ggml_backend_reg_get.restype = ctypes.c_void_p
+        lib.ggml_backend_reg_get.argtypes = [ctypes.c_size_t]
+        lib.ggml_backend_reg_name.restype = ctypes.c_char_p
+        lib.ggml_backend_reg_name.argtypes = [ctypes.c_void_p]
+        return [(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i)) or b"?").decode(errors="replace")
+                for i in range(lib.ggml_backend_reg_count())]
+    except AttributeError:
+        return []
+
+
+def _llama_devices(llama_cpp) -> list[str]:
+    """llama.cpp's own device list ('CPU', 'CUDA0 (NVIDIA H100)', ...) through libggml."""
+    lib = libggml(llama_cpp)
+    if lib is None:
+        return []
+    try:
         lib.ggml_backend_dev_count.restype = ctypes.c_size_t
         lib.ggml_backend_dev_get.restype = ctypes.c_void_p
         lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
@@ -192,7 +220,7 @@ def _llama_devices(llama_cpp) -> list[str]:
             desc = (lib.ggml_backend_dev_description(dev) or b"").decode(errors="replace")
             out.append(f"{name} ({desc})" if desc and desc != name else name)
         return out
-    except (OSError, AttributeError):
+    except AttributeError:
         return []
 
 
@@ -224,7 +252,7 @@ PROFILES: dict[str, tuple[int, int, str]] = {
 
 def profile(name: str):
     """The ``fit.Hardware`` of a profile, matched loosely ('rtx4090', 'h100', 'm3 max')."""
-    from .fit import Hardware
+    from infer_cli.plan.fit import Hardware
 
     key = _norm(name)
     matches = [p for p in PROFILES if _norm(p) == key] or [p for p in PROFILES if key in _norm(p)]

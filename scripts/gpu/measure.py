@@ -113,7 +113,7 @@ def child(spec: dict) -> None:
     snaps = {"start": {"smi": smi_used(), "rss": rss()}}
     import llama_cpp as L
 
-    from infer_cli import llama_log
+    from infer_cli.engine import llama_log
     from infer_cli.engine import FLASH_ATTN, KV_TYPES
 
     llama_log.install()
@@ -234,8 +234,8 @@ def main() -> None:
 
     import psutil
 
-    from infer_cli import fit
-    from infer_cli.gguf_info import read_gguf
+    from infer_cli.plan import fit
+    from infer_cli.models.gguf_info import read_gguf
     from tests import synthetic
 
     out = Path(a.out)

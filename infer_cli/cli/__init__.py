@@ -1,0 +1,1 @@
+"""The command line: one module per command, the shared option types, the output object."""

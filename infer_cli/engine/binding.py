@@ -1,0 +1,108 @@
+"""The llama-cpp-python binding: is the installed one the release infer is written against, and
+what llama.cpp build does it carry (for `infer --version`).
+
+The engine calls llama.cpp through the binding's low-level ctypes API, whose functions and
+structs change between releases; another release fails deep inside a load with an
+AttributeError or a crash. ``require()`` turns that into one line that names the fix, and costs
+one string comparison once llama_cpp is imported.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from dataclasses import dataclass, field
+
+from infer_cli import PINNED_LLAMA_CPP
+from infer_cli.errors import BrokenInstall
+
+FIX = f"pip install llama-cpp-python=={PINNED_LLAMA_CPP}"
+
+# ggml backends that run on the host processor; any other registered backend drives a GPU or
+# an accelerator (CUDA, Metal, Vulkan, SYCL, HIP, ...).
+HOST_BACKENDS = frozenset({"CPU", "BLAS", "RPC", "AMX"})
+
+
+def check_version(version: str | None) -> None:
+    """BrokenInstall unless ``version`` is the pinned llama-cpp-python release."""
+    if version != PINNED_LLAMA_CPP:
+        raise BrokenInstall(
+            f"llama-cpp-python {version or '(unknown version)'} is installed, but infer needs "
+            f"{PINNED_LLAMA_CPP} (its low-level API changes between releases)", FIX)
+
+
+def require():
+    """The ``llama_cpp`` module, if it imports and is the pinned release; BrokenInstall if not."""
+    try:
+        import llama_cpp
+    except ImportError as e:
+        raise BrokenInstall(f"llama-cpp-python {PINNED_LLAMA_CPP} is not installed ({e})", FIX) from None
+    except (OSError, RuntimeError) as e:  # the binding is there, its shared library is not usable
+        raise BrokenInstall(f"llama-cpp-python's llama.cpp library does not load: {e}", FIX) from None
+    check_version(getattr(llama_cpp, "__version__", None))
+    return llama_cpp
+
+
+@dataclass
+class BuildInfo:
+    """What the installed binding carries. None: the library does not say."""
+
+    binding: str                  # llama-cpp-python's version
+    llama: str | None             # libllama's version string (llama_version)
+    ggml: str | None              # libggml's version (ggml_version)
+    commit: str | None            # the llama.cpp/ggml commit it was built from (ggml_commit)
+    backends: list[str] = field(default_factory=list)  # registered ggml backends
+    gpu_offload: bool = False     # llama_supports_gpu_offload
+
+    @property
+    def gpu_backends(self) -> list[str]:
+        return [b for b in self.backends if b.upper() not in HOST_BACKENDS]
+
+
+def build_info(llama_cpp) -> BuildInfo:
+    """The versions and backends of the llama.cpp build that ``llama_cpp`` loaded.
+
+    llama.cpp's LLAMA_BUILD_NUMBER / LLAMA_COMMIT live in its `common` library, which the binding
+    does not ship; the commit comes from libggml (``ggml_commit``), built from the same tree."""
+    from infer_cli.plan.hardware import libggml, llama_backends
+
+    lib = libggml(llama_cpp)
+    try:
+        llama = llama_cpp.llama_version().decode(errors="replace")
+    except AttributeError:  # a binding without llama_version
+        llama = None
+    return BuildInfo(binding=getattr(llama_cpp, "__version__", "unknown"), llama=llama,
+                     ggml=_ggml_string(lib, "ggml_version"), commit=_ggml_string(lib, "ggml_commit"),
+                     backends=llama_backends(llama_cpp),
+                     gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()))
+
+
+def _ggml_string(lib, name: str) -> str | None:
+    """A ``const char * name(void)`` of libggml, or None when the library lacks it."""
+    if lib is None:
+        return None
+    try:
+        fn = getattr(lib, name)
+    except AttributeError:
+        return None
+    fn.restype, fn.argtypes = ctypes.c_char_p, []
+    value = fn()
+    return value.decode(errors="replace") if value else None
+
+
+def version_lines(infer_version: str) -> list[str]:
+    """`infer --version`: infer, the binding, the llama.cpp build and its GPU backends."""
+    llama_cpp = require()
+    b = build_info(llama_cpp)
+    lines = [f"infer {infer_version}", f"llama-cpp-python {b.binding}"]
+    build = ", ".join(x for x in (f"libllama {b.llama}" if b.llama else "",
+                                  f"ggml {b.ggml}" if b.ggml else "") if x)
+    lines.append(f"llama.cpp commit {b.commit or 'not recorded'}" + (f" ({build})" if build else ""))
+    backends = ", ".join(b.backends) if b.backends else "unknown"
+    if b.gpu_backends:
+        gpu = ", ".join(b.gpu_backends)
+    elif b.gpu_offload:
+        gpu = "yes (backend not named)"
+    else:
+        gpu = "none (this build runs on the CPU only)"
+    lines += [f"ggml backends: {backends}", f"GPU backends: {gpu}"]
+    return lines

@@ -1,0 +1,113 @@
+"""A loaded GGUF through llama.cpp's C API: weights, vocabulary, tokenizer."""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import time
+from pathlib import Path
+
+from infer_cli.engine import llama_log
+from infer_cli.errors import ModelLoadFailed
+from infer_cli.options import Options
+
+
+def load_mode(mmap: bool, mlock: bool) -> int:
+    """llama.cpp's llama_load_mode for --no-mmap / --mlock (one enum, no use_mmap flag now)."""
+    import llama_cpp as L
+
+    if mmap:
+        return L.LLAMA_LOAD_MODE_MMAP_MLOCK if mlock else L.LLAMA_LOAD_MODE_MMAP
+    return L.LLAMA_LOAD_MODE_MLOCK if mlock else L.LLAMA_LOAD_MODE_NONE
+
+
+def default_threads() -> int:
+    import psutil
+
+    return psutil.cpu_count(logical=False) or os.cpu_count() or 1
+
+
+class Model:
+    """A loaded GGUF: weights and vocabulary. ``close()`` frees it (also on garbage collection)."""
+
+    def __init__(self, path: Path, opts: Options, *, info=None):
+        from infer_cli.engine.binding import require
+
+        L = require()  # another llama-cpp-python release: one clear error, not a ctypes one
+
+        self.L = L
+        self.path = Path(path)
+        if info is None:  # a bad file gets a clear error, not a native crash
+            from infer_cli.models.gguf_info import read_gguf
+
+            info = read_gguf(self.path)
+        self.info = info
+        llama_log.install()
+        L.llama_backend_init()
+        params = L.llama_model_default_params()
+        params.n_gpu_layers = opts.gpu_layers or 0  # None (auto) is resolved by the caller's plan
+        if not opts.mmap or opts.mlock:  # else llama.cpp's own default (mmap where it can)
+            params.load_mode = load_mode(opts.mmap, opts.mlock)
+        mark = llama_log.mark()
+        t0 = time.perf_counter()
+        self.ptr = L.llama_model_load_from_file(str(self.path).encode(), params)
+        if not self.ptr:
+            raise ModelLoadFailed(str(path), llama_log.last_error(mark) or "unknown reason")
+        self.load_s = time.perf_counter() - t0
+        self.vocab = L.llama_model_get_vocab(self.ptr)
+        self.n_vocab = L.llama_vocab_n_tokens(self.vocab)
+        self.n_ctx_train = L.llama_model_n_ctx_train(self.ptr)
+        self.n_swa = L.llama_model_n_swa(self.ptr)
+        self._piece = ctypes.create_string_buffer(256)
+        self._pieces: dict[int, bytes] = {}
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        data = text.encode("utf-8")
+        cap = len(data) + 16
+        buf = (self.L.llama_token * cap)()
+        n = self.L.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        if n < 0:  # buffer too small: llama.cpp says how many it needs
+            cap = -n
+            buf = (self.L.llama_token * cap)()
+            n = self.L.llama_tokenize(self.vocab, data, len(data), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    def piece(self, token: int, *, special: bool = False) -> bytes:
+        """The bytes of one token (cached: the decode loop asks for the same ones often)."""
+        key = token if not special else -1 - token
+        cached = self._pieces.get(key)
+        if cached is not None:
+            return cached
+        n = self.L.llama_token_to_piece(self.vocab, token, self._piece, len(self._piece), 0, special)
+        if n < 0:
+            big = ctypes.create_string_buffer(-n)
+            n = self.L.llama_token_to_piece(self.vocab, token, big, len(big), 0, special)
+            out = big.raw[:n]
+        else:
+            out = self._piece.raw[:n]
+        self._pieces[key] = out
+        return out
+
+    def is_eog(self, token: int) -> bool:
+        return bool(self.L.llama_vocab_is_eog(self.vocab, token))
+
+    def token_text(self, token_id: int) -> str:
+        return self.piece(token_id, special=True).decode("utf-8", "replace")
+
+    @property
+    def bos_text(self) -> str:
+        tok = self.L.llama_vocab_bos(self.vocab)
+        return self.token_text(tok) if tok >= 0 else ""
+
+    @property
+    def eos_text(self) -> str:
+        tok = self.L.llama_vocab_eos(self.vocab)
+        return self.token_text(tok) if tok >= 0 else ""
+
+    def close(self) -> None:
+        if getattr(self, "ptr", None):
+            self.L.llama_model_free(self.ptr)
+            self.ptr = None
+
+    def __del__(self):
+        self.close()

@@ -1,0 +1,1 @@
+"""`infer serve`: an OpenAI-compatible HTTP server on the batching engine (see app.py)."""

@@ -1,0 +1,210 @@
+"""The server's engine thread: the one thread that touches the scheduler.
+
+The scheduler is not thread-safe and llama.cpp's context is not either, so one thread owns
+both. HTTP handlers (on the asyncio loop) hand requests over through a thread-safe queue and
+get text back through their own asyncio queue: the engine thread never blocks on a client, and
+a slow client never slows the batch. Cancelling is a flag the engine thread turns into
+``seq.cancel_requested`` before its next step, so the sequence leaves the batch at a step
+boundary and its KV cells are freed at once.
+
+Admission is bounded: ``parallel`` sequences run and at most ``queue_limit`` more wait; past
+that a request is refused (the app answers 503 with Retry-After) instead of queueing without end.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+
+class QueueFull(Exception):
+    """More sequences in flight than the slots and the wait queue hold."""
+
+
+class ShuttingDown(Exception):
+    """The server is stopping: no new work."""
+
+
+@dataclass
+class Snapshot:
+    """What /metrics reads, written by the engine thread after each step (plain values, so a
+    reader on another thread never walks the scheduler's lists while they change)."""
+
+    running: int = 0
+    waiting: int = 0
+    kv_used: int = 0
+    prefill_tps: float = 0.0
+    decode_tps: float = 0.0
+
+
+class Handle:
+    """One sequence of one HTTP request. ``index`` is its choice number in the response."""
+
+    def __init__(self, index: int, req, sink, loop):
+        self.index, self.req, self.sink, self.loop = index, req, sink, loop
+        self.cancelled = False
+        self.error: str | None = None  # set when the engine itself failed under it
+        self.seq = None                # set by the engine thread
+
+
+def result(seq, error: str | None = None) -> dict:
+    """A finished sequence as plain values for the response builders."""
+    t = seq.timings
+    computed = seq.n_prompt - seq.cached_tokens
+    prompt_s = (t.first - t.started) if t.first is not None and t.started is not None else 0.0
+    predicted_s = (t.ended - t.first) if t.first is not None and t.ended is not None else 0.0
+    return {"text": seq.text,
+            "finish_reason": "error" if error else seq.finish_reason,
+            "error": error or seq.error,
+            "n_prompt": seq.n_prompt, "n_generated": seq.n_generated,
+            "cached_tokens": seq.cached_tokens,
+            "prompt_ms": prompt_s * 1000,
+            "prompt_per_second": computed / prompt_s if prompt_s > 0 else 0.0,
+            "predicted_ms": predicted_s * 1000,
+            "predicted_per_second": seq.decode_tps,
+            "ttft_ms": (t.ttft_s or 0.0) * 1000}
+
+
+class ServeEngine:
+    """Runs ``batch_engine.scheduler`` in a thread of its own; see the module docstring."""
+
+    RATE_WINDOW_S = 1.0  # tokens-per-second gauges are averaged over this much wall time
+
+    def __init__(self, batch_engine, *, queue_limit: int, metrics=None):
+        self.batch = batch_engine
+        self.sched = batch_engine.scheduler
+        self.parallel = batch_engine.context.n_seq
+        self.capacity = self.parallel + max(0, queue_limit)
+        self.metrics = metrics
+        self.snapshot = Snapshot()
+        self._lock = threading.Lock()
+        self._in_flight = 0
+        self._inbox: queue.Queue = queue.Queue()
+        self._stopping = False
+        self._deadline: float | None = None
+        self._exit = False
+        self._rate_mark = (time.perf_counter(), 0, 0)
+        self.thread = threading.Thread(target=self._loop, name="infer-engine", daemon=True)
+
+    # the HTTP side (asyncio loop thread) ------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, reqs: list, sink, loop) -> list[Handle]:
+        """Queue ``reqs`` (one request's choices) together, or refuse them all."""
+        with self._lock:
+            if self._stopping:
+                raise ShuttingDown()
+            if self._in_flight + len(reqs) > self.capacity:
+                raise QueueFull()
+            self._in_flight += len(reqs)
+        handles = [Handle(i, r, sink, loop) for i, r in enumerate(reqs)]
+        for h in handles:
+            self._inbox.put(h)
+        return handles
+
+    def cancel(self, handles: list[Handle]) -> None:
+        for h in handles:
+            h.cancelled = True
+        self._inbox.put(None)  # wake the thread if it is idle
+
+    @property
+    def in_flight(self) -> int:
+        return self._in_flight
+
+    def drain(self, grace_s: float) -> None:
+        """Refuse new work; let what runs finish for ``grace_s``, then cancel it."""
+        with self._lock:
+            self._stopping = True
+        self._deadline = time.perf_counter() + grace_s
+        self._inbox.put(None)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.drain(0.0)
+        self._exit = True
+        self._inbox.put(None)
+        if self.thread.is_alive():
+            self.thread.join(timeout)
+
+    # the engine thread ------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        sched = self.sched
+        while True:
+            self._take(block=not sched.busy)
+            if self._deadline is not None and time.perf_counter() >= self._deadline:
+                for seq in list(sched.running) + list(sched.waiting):
+                    seq.cancel_requested = True
+            for seq in list(sched.running) + list(sched.waiting):
+                if seq.id.cancelled:
+                    seq.cancel_requested = True
+            if sched.busy:
+                try:
+                    sched.step()
+                except Exception as e:  # noqa: BLE001 - one failed step must not stop the server
+                    self._fail_all(f"{type(e).__name__}: {e}")
+            self._publish()
+            if self._exit and not sched.busy and self._inbox.empty():
+                return
+
+    def _take(self, block: bool) -> None:
+        """Move handed-over requests into the scheduler: wait for one when idle."""
+        try:
+            item = self._inbox.get(timeout=0.25) if block else self._inbox.get_nowait()
+        except queue.Empty:
+            return
+        while True:
+            if item is not None:
+                self._admit(item)
+            try:
+                item = self._inbox.get_nowait()
+            except queue.Empty:
+                return
+
+    def _admit(self, h: Handle) -> None:
+        seq = self.sched.submit(h.req, h, self._on_text)
+        h.seq = seq
+        if h.cancelled or self._stopping and self._deadline is not None \
+                and time.perf_counter() >= self._deadline:
+            seq.cancel_requested = True
+
+    def _fail_all(self, message: str) -> None:
+        for seq in list(self.sched.running) + list(self.sched.waiting):
+            seq.id.error = message
+            self.sched.cancel(seq)
+
+    def _on_text(self, seq, text: str) -> None:
+        h: Handle = seq.id
+        if seq.finished:
+            res = result(seq, h.error)
+            with self._lock:
+                self._in_flight -= 1
+            if self.metrics is not None:
+                self.metrics.finished(res)
+            self._push(h, (h.index, None, res))
+        elif text:
+            self._push(h, (h.index, text, None))
+
+    @staticmethod
+    def _push(h: Handle, item: Any) -> None:
+        try:
+            h.loop.call_soon_threadsafe(h.sink.put_nowait, item)
+        except RuntimeError:  # the event loop is closed: the server is gone, nobody listens
+            pass
+
+    def _publish(self) -> None:
+        s = self.sched
+        snap = self.snapshot
+        snap.running, snap.waiting, snap.kv_used = len(s.running), len(s.waiting), s.kv_used
+        now = time.perf_counter()
+        t0, p0, d0 = self._rate_mark
+        if now - t0 >= self.RATE_WINDOW_S:
+            st = s.stats
+            prompt, generated = st.prompt_tokens, st.decoded_tokens - st.prompt_tokens
+            snap.prefill_tps = (prompt - p0) / (now - t0)
+            snap.decode_tps = (generated - d0) / (now - t0)
+            self._rate_mark = (now, prompt, generated)

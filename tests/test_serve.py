@@ -1,0 +1,301 @@
+"""`infer serve` as a client meets it: a real server subprocess on the SmolLM2 test model, spoken
+to with the real `openai` client and plain HTTP. Each configuration starts once per module."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+
+import pytest
+
+openai = pytest.importorskip("openai")
+httpx = pytest.importorskip("httpx")
+
+# The command line, whether or not `serve` is in infer's command table yet.
+_LAUNCH = ("import sys\n"
+           "from infer_cli.cli import app as a, serve\n"
+           "if not any(c.name == 'serve' for c in a.app.registered_commands):\n"
+           "    serve.register(a.app)\n"
+           "a.main(sys.argv[1:])\n")
+SCHEMA = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 12},
+                                           "age": {"type": "integer"}},
+          "required": ["name", "age"], "additionalProperties": False}
+HI = [{"role": "user", "content": "Say hello."}]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+class Served:
+    def __init__(self, proc, port, log):
+        self.proc, self.port, self.log = proc, port, log
+        self.base = f"http://127.0.0.1:{port}"
+
+    def client(self, key="none", **kw):
+        return openai.OpenAI(base_url=self.base + "/v1", api_key=key, max_retries=0, timeout=180, **kw)
+
+    def stderr(self) -> str:
+        return self.log.read_text(errors="replace") if self.log.exists() else ""
+
+
+def _start(model, tmp, *args) -> Served:
+    port = _free_port()
+    log = tmp / f"serve-{port}.log"
+    env = {**os.environ, "INFER_HOME": str(tmp / "home"), "HF_HOME": str(tmp / "hf")}
+    env.pop("INFER_API_KEY", None)
+    proc = subprocess.Popen([sys.executable, "-c", _LAUNCH, "serve", str(model), "--port", str(port),
+                             "--ctx", "2048", "--threads", "2", "--temp", "0", *args],
+                            stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=env)
+    s = Served(proc, port, log)
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            pytest.fail(f"infer serve exited {proc.returncode}:\n{s.stderr()}")
+        try:
+            if httpx.get(s.base + "/health", timeout=2).status_code == 200:
+                return s
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.3)
+    proc.kill()
+    pytest.fail(f"infer serve did not get ready:\n{s.stderr()}")
+
+
+def _stop(s: Served) -> None:
+    if s.proc.poll() is None:
+        s.proc.send_signal(signal.SIGTERM)
+        try:
+            s.proc.wait(20)
+        except subprocess.TimeoutExpired:
+            s.proc.kill()
+            s.proc.wait()
+
+
+@pytest.fixture(scope="module")
+def server(smollm2_gguf, tmp_path_factory):
+    s = _start(smollm2_gguf, tmp_path_factory.mktemp("serve"), "--parallel", "4")
+    yield s
+    _stop(s)
+
+
+@pytest.fixture(scope="module")
+def guarded(smollm2_gguf, tmp_path_factory):
+    """An API key, one sequence at a time and a wait queue of one."""
+    s = _start(smollm2_gguf, tmp_path_factory.mktemp("serve-key"), "--parallel", "1",
+               "--queue", "1", "--api-key", "sesame")
+    yield s
+    _stop(s)
+
+
+def _metric(s: Served, name: str, key: str | None = None) -> float:
+    headers = {"Authorization": f"Bearer {key}"} if key else {}
+    text = httpx.get(s.base + "/metrics", headers=headers, timeout=10).text
+    m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
+    assert m, text
+    return float(m.group(1))
+
+
+def _error_object(r, status):
+    assert r.status_code == status, r.text
+    err = r.json()["error"]
+    assert set(err) == {"message", "type", "param", "code"} and err["message"]
+    assert "Traceback" not in r.text
+    return err
+
+
+# --- the API ------------------------------------------------------------------------------------
+
+def test_models_and_health(server):
+    assert httpx.get(server.base + "/health").json() == {"status": "ok"}
+    models = server.client().models.list().data
+    assert len(models) == 1 and models[0].id == "SmolLM2-135M-Instruct.Q4_1"
+    assert models[0].model_extra["context_length"] == 2048
+
+
+def test_chat_plain_and_streamed_agree(server):
+    c = server.client()
+    plain = c.chat.completions.create(model="x", messages=HI, max_tokens=12, temperature=0)
+    text = plain.choices[0].message.content
+    assert text and plain.choices[0].finish_reason in ("stop", "length")
+    u = plain.usage
+    assert u.prompt_tokens > 0 and u.completion_tokens > 0
+    assert u.total_tokens == u.prompt_tokens + u.completion_tokens
+    assert plain.model_extra["timings"]["predicted_n"] == u.completion_tokens
+    chunks = list(c.chat.completions.create(model="x", messages=HI, max_tokens=12, temperature=0,
+                                            stream=True, stream_options={"include_usage": True}))
+    assert chunks[0].choices[0].delta.role == "assistant"
+    streamed = "".join(ch.choices[0].delta.content or "" for ch in chunks if ch.choices)
+    assert streamed == text
+    finish = [ch for ch in chunks if ch.choices and ch.choices[0].finish_reason]
+    assert len(finish) == 1 and finish[0].choices[0].finish_reason == plain.choices[0].finish_reason
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == u.completion_tokens
+
+
+def test_completions_and_stop_strings(server):
+    c = server.client()
+    r = c.completions.create(model="x", prompt="The capital of France is", max_tokens=8, temperature=0)
+    text = r.choices[0].text
+    assert "Paris" in text and r.usage.completion_tokens <= 8
+    cut = text.index("Paris")
+    stopped = c.completions.create(model="x", prompt="The capital of France is", max_tokens=8,
+                                   temperature=0, stop=["Paris"])
+    assert stopped.choices[0].text == text[:cut] and stopped.choices[0].finish_reason == "stop"
+
+
+def test_json_schema_output_validates(server):
+    jsonschema = pytest.importorskip("jsonschema")
+    r = server.client().chat.completions.create(
+        model="x", messages=[{"role": "user", "content": "Describe a person as JSON."}],
+        max_tokens=80, temperature=0,
+        response_format={"type": "json_schema", "json_schema": {"name": "person", "schema": SCHEMA}})
+    jsonschema.validate(json.loads(r.choices[0].message.content), SCHEMA)
+    r = httpx.post(server.base + "/v1/chat/completions", timeout=30, json={
+        "messages": HI, "response_format": {"type": "json_schema", "json_schema": {
+            "schema": {"type": "object", "properties": {"a": {"$ref": "https://example.com/s"}}}}}})
+    assert "cannot enforce" in _error_object(r, 400)["message"]
+
+
+def test_seed_reproduces(server):
+    c = server.client()
+    ask = lambda seed: c.completions.create(model="x", prompt="Once upon a time", max_tokens=10,  # noqa: E731
+                                            temperature=1.0, seed=seed).choices[0].text
+    assert ask(1234) == ask(1234)
+
+
+def test_shared_prefix_is_cached(server):
+    prefix = "You are a careful assistant who answers in one short sentence. " * 3
+    r = server.client().completions.create(model="x", prompt=[prefix + "Sky?", prefix + "Sea?"],
+                                           max_tokens=2, temperature=0)
+    assert len(r.choices) == 2
+    assert r.usage.prompt_tokens_details.cached_tokens >= 16
+
+
+def test_parallel_requests_overlap(server):
+    c = server.client()
+    marks = {}
+
+    def one(i):
+        first = None
+        for ch in c.completions.create(model="x", prompt=f"Story number {i}:", max_tokens=12,
+                                       temperature=0, stream=True, extra_body={"ignore_eos": True}):
+            if first is None and ch.choices and ch.choices[0].text:
+                first = time.monotonic()
+        marks[i] = (first, time.monotonic())
+
+    threads = [threading.Thread(target=one, args=(i,)) for i in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(300)
+    assert len(marks) == 4
+    assert max(f for f, _ in marks.values()) < min(e for _, e in marks.values()), marks
+
+
+def test_disconnect_cancels(server):
+    with httpx.stream("POST", server.base + "/v1/completions", timeout=60, json={
+            "prompt": "Once upon a time", "max_tokens": 1500, "stream": True, "ignore_eos": True}) as r:
+        got = 0
+        for line in r.iter_lines():
+            if line.startswith("data:"):
+                got += 1
+                if got >= 3:
+                    break
+    assert _metric(server, "infer_sequences_running") <= 1
+    deadline = time.monotonic() + 10
+    while _metric(server, "infer_sequences_running") != 0:
+        assert time.monotonic() < deadline, "the sequence kept running after the client left"
+        time.sleep(0.2)
+    assert "cancelled" in server.stderr()
+
+
+def test_bad_inputs_get_error_objects(server):
+    url = server.base + "/v1/chat/completions"
+    r = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"})
+    assert _error_object(r, 400)["code"] == "invalid_json"
+    err = _error_object(httpx.post(url, json={"messages": "hello"}), 400)
+    assert err["param"] == "messages"
+    err = _error_object(httpx.post(url, json={"messages": HI, "max_tokens": "many"}), 400)
+    assert err["param"] == "max_tokens"
+    _error_object(httpx.post(url, json={"messages": HI, "logprobs": True}), 400)
+    _error_object(httpx.get(server.base + "/v1/nothing"), 404)
+    _error_object(httpx.post(url, content=b"x" * (9 * 1024 * 1024),
+                             headers={"content-type": "application/json"}), 413)
+    long = {"prompt": "word " * 3000, "max_tokens": 4}
+    assert _error_object(httpx.post(server.base + "/v1/completions", json=long, timeout=60),
+                         400)["code"] == "context_length_exceeded"
+    assert httpx.get(server.base + "/health").status_code == 200  # still serving
+
+
+def test_metrics_and_page(server):
+    assert _metric(server, "infer_kv_cells_total") == 2048
+    assert _metric(server, "infer_generated_tokens_total") > 0
+    page = httpx.get(server.base + "/")
+    assert page.status_code == 200 and "text/html" in page.headers["content-type"]
+    assert "/v1/chat/completions" in page.text and "AbortController" in page.text
+    assert "POST /v1/chat/completions 200" in server.stderr()
+
+
+# --- the guarded server: API key and a full queue -----------------------------------------------
+
+def test_api_key(guarded):
+    url = guarded.base + "/v1/chat/completions"
+    body = {"messages": HI, "max_tokens": 2}
+    _error_object(httpx.post(url, json=body), 401)
+    _error_object(httpx.post(url, json=body, headers={"Authorization": "Bearer wrong"}), 401)
+    assert httpx.get(guarded.base + "/health").status_code == 200
+    ok = httpx.post(url, json=body, headers={"X-Api-Key": "sesame"}, timeout=120)
+    assert ok.status_code == 200, ok.text
+    r = guarded.client("sesame").chat.completions.create(model="x", messages=HI, max_tokens=2)
+    assert r.choices[0].message.content is not None
+
+
+def test_queue_full_is_503(guarded):
+    """One running, one waiting: a third request is refused at once, and the two others still
+    complete (each read by a client of its own, as concurrent users are)."""
+    headers = {"Authorization": "Bearer sesame"}
+    body = {"prompt": "Once upon a time", "max_tokens": 200, "stream": True, "ignore_eos": True}
+    done = {}
+
+    def read(name):
+        with httpx.stream("POST", guarded.base + "/v1/completions", json=body, headers=headers,
+                          timeout=120) as r:
+            done[name] = (r.status_code, [ln for ln in r.iter_lines() if ln][-1])
+
+    threads = [threading.Thread(target=read, args=(n,)) for n in ("first", "second")]
+    for t in threads:
+        t.start()
+        time.sleep(0.3)
+    deadline = time.monotonic() + 30
+    while _metric(guarded, "infer_queue_depth", "sesame") < 1 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    third = httpx.post(guarded.base + "/v1/completions", json=body, headers=headers, timeout=30)
+    err = _error_object(third, 503)
+    assert err["code"] == "queue_full" and third.headers["retry-after"]
+    for t in threads:
+        t.join(120)
+    assert done["first"] == (200, "data: [DONE]") and done["second"] == (200, "data: [DONE]")
+
+
+# --- last: stopping (ends the module's default server) -------------------------------------------
+
+def test_sigterm_stops_within_seconds(server):
+    with httpx.stream("POST", server.base + "/v1/completions", timeout=60, json={
+            "prompt": "Once upon a time", "max_tokens": 1500, "stream": True, "ignore_eos": True}) as r:
+        lines = r.iter_lines()
+        next(lines)
+        t0 = time.monotonic()
+        server.proc.send_signal(signal.SIGTERM)
+        rest = list(lines)
+    assert "data: [DONE]" in rest
+    assert server.proc.wait(20) == 0
+    assert time.monotonic() - t0 < 15
