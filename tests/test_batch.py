@@ -45,17 +45,17 @@ def _alone(path, prompts, n=24):
     return out
 
 
-def test_batch_output_equals_alone_for_short_contexts(smollm2_gguf):
-    """Greedy text in a batch of 4 equals each prompt alone while the context stays under 512
-    cells (llama.cpp's CPU kernels then compute the same numbers whatever the batch shape)."""
-    model, ctx = _engine(smollm2_gguf, 4)
+def test_batch_output_equals_alone_with_f16_weights(smollm2_f16):
+    """Greedy text in a batch of 4 equals each prompt alone with F16 weights. (Quantized weights
+    take other CPU matmul kernels for a batch of rows than for one, so close calls can go the
+    other way there: scripts/batch_identity.py measures how often.)"""
+    model, ctx = _engine(smollm2_f16, 4)
     sched = Scheduler(model, ctx, share_prefixes=False)
     seqs = [sched.submit(_greedy(model, p)) for p in PROMPTS[:4]]
     sched.run()
-    alone = _alone(smollm2_gguf, PROMPTS[:4])
-    same = sum(s.text == a for s, a in zip(seqs, alone))
+    alone = _alone(smollm2_f16, PROMPTS[:4])
     assert all(s.finish_reason == "length" and s.n_generated == 24 for s in seqs)
-    assert same >= 3, [(s.text, a) for s, a in zip(seqs, alone)]
+    assert [s.text for s in seqs] == alone
 
 
 def test_join_and_leave_and_cells_freed(smollm2_gguf):

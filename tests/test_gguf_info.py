@@ -171,13 +171,31 @@ def write(tmp_path: Path, data: bytes, name: str = "model.gguf") -> Path:
     return path
 
 
+def time_budget(scale: float = 200) -> float:
+    """A time limit for reading one small file, relative to this machine's speed right now:
+    ``scale`` times a read of the tiny valid model, and never under a second. It tells a reader
+    that walks a crafted count (seconds to minutes) from one that stops at once, however loaded
+    the machine is."""
+    import io
+
+    from infer_cli.models.gguf_info import parse_header
+
+    data = tiny_bytes()
+    start = time.perf_counter()
+    parse_header(io.BytesIO(data), len(data), "tiny.gguf")  # in memory: no open() to patch
+    baseline = time.perf_counter() - start
+    return max(1.0, scale * baseline)
+
+
 def expect_bad(path, *fragments: str, arrays: bool = False) -> BadModelFile:
-    """read_gguf(path) raises BadModelFile within 1 s, its reason containing every fragment."""
+    """read_gguf(path) raises BadModelFile within ``time_budget()``, its reason containing every
+    fragment."""
+    budget = time_budget()
     start = time.perf_counter()
     with pytest.raises(BadModelFile) as info:
         read_gguf(path, arrays=arrays)
     elapsed = time.perf_counter() - start
-    assert elapsed < 1.0, f"took {elapsed:.2f} s: {info.value.reason}"
+    assert elapsed < budget, f"took {elapsed:.2f} s (budget {budget:.2f}): {info.value.reason}"
     for fragment in fragments:
         assert fragment in info.value.reason, info.value.reason
     assert info.value.path == os.fspath(path)
@@ -310,12 +328,18 @@ def test_gemma3_facts(gemma3):
 
 
 def test_gemma3_reads_fast(gemma3_gguf):
-    best = math.inf
-    for _ in range(3):
-        start = time.perf_counter()
-        read_gguf(gemma3_gguf)
-        best = min(best, time.perf_counter() - start)
-    assert best < 0.3, f"{best:.3f} s"
+    """The header reader skips the 262k-entry token arrays: several times faster than reading
+    them, measured side by side (best of three each)."""
+    def best(**kw) -> float:
+        t = math.inf
+        for _ in range(3):
+            start = time.perf_counter()
+            read_gguf(gemma3_gguf, **kw)
+            t = min(t, time.perf_counter() - start)
+        return t
+
+    header, whole = best(), best(arrays=True)
+    assert header * 3 < whole, f"header {header:.3f} s, with arrays {whole:.3f} s"
 
 
 def test_summary_is_json_and_small(smollm2, gemma3):
@@ -612,12 +636,13 @@ def test_random_bytes(tmp_path, size):
 
 
 def _parse_or_bad(path: Path) -> None:
+    budget = time_budget()
     start = time.perf_counter()
     try:
         read_gguf(path)
     except BadModelFile:
         pass
-    assert time.perf_counter() - start < 1.0
+    assert time.perf_counter() - start < budget
 
 
 def test_mutated_tiny_file_never_crashes(tmp_path):

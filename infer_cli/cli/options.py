@@ -78,15 +78,15 @@ def engine_options(*, ctx, batch, ubatch, cache_type_k, cache_type_v, flash_attn
                    threads=None, gpu_layers_value="auto", mlock=False, no_mmap=False, parallel=1):
     """The load/context ``Options`` from the shared options (n_ctx 0 = the model's default,
     settled once the model's header has been read)."""
-    from infer_cli.options import Options
+    from dataclasses import replace
+
+    from infer_cli.options import DEFAULT_CTX, Options
 
     opts = Options(n_ctx=ctx or 0, n_batch=batch, n_ubatch=ubatch, n_seq=parallel, threads=threads,
                    cache_type_k=cache_type_k.lower(), cache_type_v=cache_type_v.lower(),
                    flash_attn=flash_attn.lower(), swa_full=swa_full,
                    gpu_layers=gpu_layers(gpu_layers_value), mlock=mlock, mmap=not no_mmap)
-    from dataclasses import replace
-
-    replace(opts, n_ctx=opts.n_ctx or 4096).check()  # bad options fail before anything loads
+    replace(opts, n_ctx=opts.n_ctx or DEFAULT_CTX).check()  # bad options fail before anything loads
     return opts
 
 

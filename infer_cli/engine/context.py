@@ -11,7 +11,8 @@ from infer_cli.engine import llama_log
 from infer_cli.options import FLASH_ATTN, Options
 
 
-def _prefix_len(a: Sequence[int], b: Sequence[int]) -> int:
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading tokens ``a`` and ``b`` share."""
     n = 0
     for x, y in zip(a, b):
         if x != y:
@@ -199,7 +200,7 @@ class Session:
 
     def sync(self, tokens: Sequence[int], *, max_rollback: int = 64) -> None:
         """Make the cache hold exactly ``tokens`` (a draft model following its target)."""
-        keep = _prefix_len(self.tokens, tokens)
+        keep = common_prefix(self.tokens, tokens)
         if keep < len(self.tokens):
             if self.can_trim or len(self.tokens) - keep <= max_rollback:
                 self.rollback(keep)
@@ -226,7 +227,7 @@ class Session:
         down to a chunk boundary (see ``decode``), which a state from the prompt cache needs
         for a warm run to compute exactly what a cold one did. Zero when it would mean
         cutting a sliding-window cache, which cannot drop a tail."""
-        common = _prefix_len(cached, tokens)
+        common = common_prefix(cached, tokens)
         keep = common if common == len(tokens) or not aligned else common - common % self.align
         if keep < len(cached) and not self.can_trim:
             return 0

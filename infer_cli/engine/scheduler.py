@@ -26,7 +26,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Any, Callable
 
-from infer_cli.engine.context import Context
+from infer_cli.engine.context import Context, common_prefix
 from infer_cli.engine.model import Model
 from infer_cli.engine.sampling import Sampler
 from infer_cli.engine.sequence import Request, Sequence, Status
@@ -44,15 +44,6 @@ class StepStats:
     preempted: int = 0
     decode_s: float = 0.0       # inside llama_decode
     step_s: float = 0.0         # whole steps: decode + sampling + bookkeeping
-
-
-def common_prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 class Scheduler:
