@@ -340,7 +340,7 @@ async def run_jobs(port: int, jobs, clients: int, check: Check, seed: int, deadl
     async def sampler():
         while todo:
             try:
-                samples.append(proc.memory_info().rss)
+                samples.append((len(jobs) - len(todo), proc.memory_info().rss))
             except psutil.Error:
                 return
             await asyncio.sleep(1.0)
@@ -426,7 +426,13 @@ def main() -> int:
         time.sleep(1.0)
         rss_after = proc.memory_info().rss if srv.alive() else 0
         figures["rss_after_run_mib"] = round(rss_after / 2**20, 1)
-        figures["rss_peak_during_run_mib"] = round(max(samples, default=0) / 2**20, 1)
+        figures["rss_peak_during_run_mib"] = round(max((r for _, r in samples), default=0) / 2**20, 1)
+        # RSS as the run goes on: the last sample at or before each tenth of the requests sent
+        by_tenth = []
+        for t in range(1, 11):
+            upto = [r for n, r in samples if n <= t * len(jobs) / 10]
+            by_tenth.append(round(upto[-1] / 2**20, 1) if upto else None)
+        figures["rss_mib_by_tenth_of_run"] = by_tenth
         figures["rss_growth_pct"] = round(100 * (rss_after - rss_warm) / rss_warm, 2)
     finally:
         figures["server_exit_code"] = srv.stop()
@@ -458,7 +464,8 @@ def main() -> int:
               "latency_s_p50_p95_max", "server_alive", "health_after", "settle_s",
               "infer_sequences_running", "infer_queue_depth", "infer_kv_cells_used",
               "infer_kv_cells_total", "infer_sequences_total", "infer_requests_total",
-              "rss_after_warmup_mib", "rss_peak_during_run_mib", "rss_after_run_mib",
+              "rss_after_warmup_mib", "rss_mib_by_tenth_of_run", "rss_peak_during_run_mib",
+              "rss_after_run_mib",
               "rss_growth_pct", "server_exit_code"):
         print(f"| {k} | {json.dumps(figures.get(k))} |")
     print("\n| check | met |\n|---|---|")
