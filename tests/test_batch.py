@@ -137,6 +137,75 @@ def test_full_cache_preempts_and_still_finishes(smollm2_gguf):
     assert sched.stats.preempted >= 1
 
 
+def _idle_run(model, ctx, reqs, *, keep_idle=True):
+    """Each request alone, one after another, through one scheduler; (texts, sequences)."""
+    sched = Scheduler(model, ctx, keep_idle=keep_idle)
+    seqs = []
+    for r in reqs:
+        seqs.append(sched.submit(r))
+        sched.run()
+    return sched, seqs
+
+
+def test_idle_slot_keeps_its_prefix_for_the_next_request(smollm2_f16):
+    """With keep_idle (the server) a finished sequence's cells stay in its slot: the next prompt
+    that starts the same way computes only its new tail, goes to that slot, and its greedy text
+    equals a computation from scratch; a chat's next turn reuses the whole previous turn."""
+    model, ctx = _engine(smollm2_f16, 2)
+    system = "You are a careful assistant who answers in one short sentence. " * 3
+    first = _greedy(model, system + "What is the capital of Italy?", 12)
+    second = _greedy(model, system + "Name a large mammal.", 12)
+    _, (fa, fb) = _idle_run(model, ctx, [first, second], keep_idle=False)  # frees its cells
+    sched, (a, b) = _idle_run(model, ctx, [first, second])
+    common = next(i for i, (x, y) in enumerate(zip(first.tokens, second.tokens)) if x != y)
+    assert b.cached_tokens == common and b.slot == -1
+    assert sched.stats.prompt_tokens == len(first.tokens) + len(second.tokens) - common
+    assert (a.text, b.text) == (fa.text, fb.text) and fb.cached_tokens == 0
+    # the next turn of the second conversation: its whole history is still cached
+    turn = second.tokens + tuple(b.tokens[b.n_prompt:]) + tuple(model.tokenize(" And a small one?",
+                                                                               add_special=False))
+    c = sched.submit(engine.Request(turn, engine.Sampling(temperature=0), 8, (), True))
+    sched.run()
+    assert c.cached_tokens >= len(b.tokens) - 1
+    # nothing leaks: the idle caches are what the slots hold, and dropping them empties the cache
+    held = {slot: model.L.llama_memory_seq_pos_max(ctx.mem, slot) + 1 for slot in range(2)}
+    assert sorted(held.values()) == sorted([0] * (2 - len(sched.idle))
+                                           + [len(t) for t in sched.idle.values()])
+    sched.drop_idle()
+    assert all(model.L.llama_memory_seq_pos_max(ctx.mem, s) == -1 for s in range(2))
+
+
+def test_idle_caches_give_way_when_the_cache_is_full(smollm2_gguf):
+    """Idle caches never cost a running sequence its cells: with a cache too small for them and
+    the next batch, they are dropped and every sequence still gets all its tokens."""
+    model, ctx = _engine(smollm2_gguf, 4, n_ctx=256)
+    sched = Scheduler(model, ctx, keep_idle=True)
+    for p in PROMPTS[:4]:
+        sched.submit(_greedy(model, p, 30))
+    sched.run()
+    assert sched.kv_cached > 0
+    seqs = [sched.submit(_greedy(model, p + " and more", 45)) for p in PROMPTS[2:6]]
+    sched.run()
+    assert all(s.n_generated == 45 for s in seqs), [(s.n_generated, s.finish_reason) for s in seqs]
+    assert sched.kv_cached + sched.kv_used <= 256
+
+
+def test_idle_prefix_on_a_sliding_window_model(gemma3_gguf):
+    """Gemma 3's sliding-window cache: a reused idle prefix, short (inside the window) or long
+    (past it), gives the text a fresh computation gives."""
+    model, ctx = _engine(gemma3_gguf, 2, n_ctx=4096)
+    short = "Answer briefly. "
+    long = " ".join(f"Note {i}: item {i} costs {3 * i} coins." for i in range(70))  # > 512 tokens
+    reqs = [_greedy(model, pre + q, 10) for pre in (short, long)
+            for q in ("What is two plus two?", "Name a colour.")]
+    _, fresh = _idle_run(model, ctx, reqs, keep_idle=False)  # first: it frees its cells
+    _, kept = _idle_run(model, ctx, reqs)
+    # (other sequences' idle cells change where a sequence's cells sit in the unified cache,
+    # and so the order of the attention sums: a near-tie can go the other way, as in a batch)
+    assert sum(k.text == f.text for k, f in zip(kept, fresh)) >= 3
+    assert kept[1].cached_tokens > 0 and kept[3].cached_tokens > model.n_swa
+
+
 def test_bad_lines_are_named():
     with pytest.raises(BadInputLine) as e:
         parse_line("{not json", 7, "in.jsonl")

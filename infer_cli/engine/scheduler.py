@@ -15,6 +15,12 @@ sequence ids sharing one unified KV pool). Each ``step``:
    chain; a finished or cancelled sequence frees its cells at once and its slot is free for
    the next step.
 
+With ``keep_idle`` (the server) a finished sequence's cells stay in its slot as a cache, as
+llama-server's slots keep theirs: the next request goes to the free slot whose cached tokens
+share the longest prefix with its prompt (a system prompt, the earlier turns of a chat) and
+computes only the rest. Those cells are reclaimed the moment anything else needs them: the
+least recently used idle cache is dropped whenever llama.cpp finds no room for a batch.
+
 Not thread-safe: one thread calls ``submit``, ``cancel`` and ``step`` (the server runs this loop
 in its own thread and hands requests over through a queue).
 """
@@ -29,7 +35,7 @@ from typing import Any, Callable
 from infer_cli.engine.context import Context, common_prefix
 from infer_cli.engine.model import Model
 from infer_cli.engine.sampling import Sampler
-from infer_cli.engine.sequence import Request, Sequence, Status
+from infer_cli.engine.sequence import Request, Sequence, Status, token_logprobs
 from infer_cli.errors import ModelLoadFailed
 
 MIN_SHARED_PREFIX = 16  # shorter common prefixes are cheaper to compute than to wait for
@@ -49,11 +55,15 @@ class StepStats:
 class Scheduler:
     """Runs ``Sequence``s on ``context`` (``context.n_seq`` slots)."""
 
-    def __init__(self, model: Model, context: Context, *, share_prefixes: bool = True):
+    def __init__(self, model: Model, context: Context, *, share_prefixes: bool = True,
+                 keep_idle: bool = False):
         L = model.L
         self.L, self.model, self.ctx = L, model, context
         self.n_ctx, self.n_batch = context.n_ctx, context.n_batch
         self.share_prefixes = share_prefixes
+        self.keep_idle = keep_idle and share_prefixes
+        # free slot -> the tokens its cells still hold; insertion order is least recent first
+        self.idle: dict[int, list[int]] = {}
         # A sliding-window cache forgets old positions: a prefix can only be copied from a
         # donor whose cache ends exactly where the prefix does.
         self.exact_share = model.n_swa > 0
@@ -85,6 +95,7 @@ class Scheduler:
         if slot not in self.free_slots:
             raise ValueError(f"slot {slot} is in use")
         self.free_slots.remove(slot)
+        self.idle.pop(slot, None)
         seq.slot, seq.n_computed, seq.keep_cache = slot, n_cached, True
         seq.status = Status.RUNNING
         seq.timings.started = seq.timings.submitted
@@ -109,6 +120,16 @@ class Scheduler:
         """Cells in use, counting a shared prefix once per sequence (an upper bound)."""
         return sum(s.n_computed for s in self.running)
 
+    @property
+    def kv_cached(self) -> int:
+        """Cells idle slots hold as a prompt cache (given back as soon as they are needed)."""
+        return sum(len(t) for t in self.idle.values())
+
+    def drop_idle(self) -> None:
+        """Forget every idle slot's cache."""
+        while self.idle:
+            self._drop_oldest_idle()
+
     def run(self) -> None:
         while self.busy:
             self.step()
@@ -124,10 +145,13 @@ class Scheduler:
         if rows:
             td = time.perf_counter()
             rc = self.L.llama_decode(self.ctx.ptr, self._batch)
-            while rc == 1:  # no KV cells left for this batch
-                rows = self._shrink(rows)
-                if not rows:
-                    break
+            while rc == 1:  # no KV cells left for this batch: idle caches go first
+                if self.idle:
+                    self._drop_oldest_idle()
+                else:
+                    rows = self._shrink(rows)
+                    if not rows:
+                        break
                 rc = self.L.llama_decode(self.ctx.ptr, self._batch)
             self.stats.decode_s += time.perf_counter() - td
             if rc not in (0, 1):
@@ -149,14 +173,76 @@ class Scheduler:
             self._try_share(seq)
         while self.waiting and self.free_slots:
             seq = self.waiting.popleft()
-            seq.slot = self.free_slots.pop()
+            seq.slot = self._pick_slot(seq)
             seq.status = Status.RUNNING
             seq.timings.started = seq.timings.started or time.perf_counter()
             if seq.sampler is None:
                 seq.sampler = Sampler(self.model, seq.req.sampling)
             self.running.append(seq)
-            if self.share_prefixes and seq.n_computed == 0:
+            if self.share_prefixes and seq.n_computed == 0 and seq.req.reuse_prefix:
                 self._find_donor(seq)
+
+    def _pick_slot(self, seq: Sequence) -> int:
+        """A free slot for ``seq``, reusing an idle slot's cached prefix where one matches.
+
+        The slot whose cache shares most with the prompt is taken over (its cells past the
+        common prefix dropped) when most of what it holds is that prefix (a chat's next turn).
+        Otherwise its history (another conversation's) is left to its owner: ``seq`` gets an
+        empty slot, else the least recently used other one, and the prefix is copied there,
+        which in a unified cache shares the cells rather than copying them.
+        """
+        if not self.idle:
+            return self.free_slots.pop()
+        if not seq.req.reuse_prefix:
+            empty = [s for s in self.free_slots if s not in self.idle]
+            slot = empty[-1] if empty else next(s for s in self.idle if s in self.free_slots)
+            self.free_slots.remove(slot)
+            if self.idle.pop(slot, None) is not None:
+                self.L.llama_memory_seq_rm(self.ctx.mem, slot, -1, -1)
+            return slot
+        limit = len(seq.tokens) - 1  # the last token is computed for its logits
+        best, best_n = -1, 0
+        for slot, cached in self.idle.items():
+            n = common_prefix(seq.tokens[:limit], cached)
+            if n > best_n:
+                best, best_n = slot, n
+        others = [s for s in self.free_slots if s not in self.idle] \
+            or [s for s in reversed(self.idle) if s != best]  # least recently used last
+        if best >= 0 and (not others or 2 * best_n >= len(self.idle[best])):
+            self.free_slots.remove(best)
+            cached = self.idle.pop(best)
+            if self._usable(best, best_n) and (
+                    best_n == len(cached)
+                    or self.L.llama_memory_seq_rm(self.ctx.mem, best, best_n, -1)):
+                self._reused(seq, best_n)
+            else:
+                self.L.llama_memory_seq_rm(self.ctx.mem, best, -1, -1)
+            return best
+        slot = others[-1]
+        self.free_slots.remove(slot)
+        if self.idle.pop(slot, None) is not None:
+            self.L.llama_memory_seq_rm(self.ctx.mem, slot, -1, -1)
+        if best >= 0 and self._usable(best, best_n):
+            self.L.llama_memory_seq_cp(self.ctx.mem, best, slot, 0, best_n)
+            self._reused(seq, best_n)
+        return slot
+
+    def _usable(self, slot: int, n: int) -> bool:
+        """Whether ``slot``'s cells up to ``n`` can be continued from: a sliding-window cache
+        has dropped old positions, and the next token must still see a full window."""
+        if not self.exact_share:
+            return True
+        return self.L.llama_memory_seq_pos_min(self.ctx.mem, slot) <= max(0, n - self.model.n_swa)
+
+    def _reused(self, seq: Sequence, n: int) -> None:
+        seq.n_computed = n
+        seq.cached_tokens = min(n, seq.n_prompt)
+        self.stats.shared_tokens += n
+
+    def _drop_oldest_idle(self) -> None:
+        slot = next(iter(self.idle))
+        del self.idle[slot]
+        self.L.llama_memory_seq_rm(self.ctx.mem, slot, -1, -1)
 
     def _find_donor(self, seq: Sequence) -> None:
         best, best_len = None, 0
@@ -268,6 +354,9 @@ class Scheduler:
             if seq.batch_index < 0:
                 continue
             token = seq.sampler.sample_at(self.ctx.ptr, seq.batch_index)
+            if seq.logprobs is not None and not (self.model.is_eog(token) and not seq.req.ignore_eos):
+                seq.logprobs.append(token_logprobs(self.model, self.ctx.ptr, seq.batch_index,
+                                                   token, seq.req.logprobs))
             seq.accept(token, self.model, self.n_ctx)
             touched.append(seq)
             if seq.cancel_requested and not seq.finished:
@@ -283,7 +372,10 @@ class Scheduler:
     def _free(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
-            if not seq.keep_cache:
+            if self.keep_idle and not seq.keep_cache and seq.n_computed > 0 \
+                    and seq.finish_reason != "error":
+                self.idle[seq.slot] = seq.tokens[:seq.n_computed]
+            elif not seq.keep_cache:
                 self.L.llama_memory_seq_rm(self.ctx.mem, seq.slot, -1, -1)
             self.free_slots.append(seq.slot)
             for other in self.running:  # nobody waits on a prefix that will not come

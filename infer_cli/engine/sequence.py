@@ -26,6 +26,11 @@ class Request:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False
+    logprobs: int | None = None  # report each token's log-probability and this many alternatives
+    # Start from KV another sequence or an idle slot already holds for the prompt's beginning.
+    # Off, the whole prompt is computed in the same shapes every time: llama.cpp's kernels give
+    # slightly different numbers for other batch shapes, so a seeded draw can differ with it on.
+    reuse_prefix: bool = True
 
 
 class Status(enum.Enum):
@@ -72,6 +77,10 @@ class Sequence:
         self.cancel_requested = False
         self.keep_cache = False         # leave its cells in place when it ends (a chat's next turn)
         self.eog = False                # it ended on the model's end-of-generation token
+        # one entry per generated token (see ``token_logprobs``) when the request asks for them;
+        # ``logprobs_sent`` counts those already handed to a streaming client
+        self.logprobs: list[dict] | None = [] if req.logprobs is not None else None
+        self.logprobs_sent = 0
 
     # what the scheduler reads ------------------------------------------------------------------
 
@@ -144,6 +153,39 @@ class Sequence:
             if self.on_text is not None:
                 self.on_text(self, text)
 
+    def new_logprobs(self) -> list[dict]:
+        """The entries not handed out yet (for a streamed answer's next chunk)."""
+        if not self.logprobs:
+            return []
+        out = self.logprobs[self.logprobs_sent:]
+        self.logprobs_sent = len(self.logprobs)
+        return out
+
     def usage(self) -> dict:
         return {"prompt_tokens": self.n_prompt, "completion_tokens": self.n_generated,
                 "cached_tokens": self.cached_tokens}
+
+
+def token_logprobs(model, ctx, idx: int, token: int, top: int) -> dict:
+    """``token``'s log-probability under the model's distribution at output ``idx`` (the raw
+    logits' softmax, before temperature and truncation, as OpenAI reports it), with the ``top``
+    most likely tokens. One pass over the vocabulary: only sequences that ask pay for it."""
+    import numpy as np
+
+    logits = np.ctypeslib.as_array(model.L.llama_get_logits_ith(ctx, idx), shape=(model.n_vocab,))
+    peak = float(logits.max())
+    norm = peak + float(np.log(np.exp(logits - peak, dtype=np.float64).sum()))
+
+    def entry(tok: int) -> dict:
+        piece = model.piece(tok)
+        return {"id": tok, "token": piece.decode("utf-8", "replace"), "bytes": list(piece),
+                "logprob": float(logits[tok]) - norm}
+
+    out = entry(token)
+    if top > 0:
+        best = np.argpartition(logits, -top)[-top:]
+        best = best[np.argsort(-logits[best], kind="stable")]
+        out["top_logprobs"] = [entry(int(t)) for t in best]
+    else:
+        out["top_logprobs"] = []
+    return out

@@ -36,6 +36,7 @@ class Snapshot:
     running: int = 0
     waiting: int = 0
     kv_used: int = 0
+    kv_cached: int = 0
     prefill_tps: float = 0.0
     decode_tps: float = 0.0
 
@@ -65,7 +66,8 @@ def result(seq, error: str | None = None) -> dict:
             "prompt_per_second": computed / prompt_s if prompt_s > 0 else 0.0,
             "predicted_ms": predicted_s * 1000,
             "predicted_per_second": seq.decode_tps,
-            "ttft_ms": (t.ttft_s or 0.0) * 1000}
+            "ttft_ms": (t.ttft_s or 0.0) * 1000,
+            "logprobs": seq.logprobs}
 
 
 class ServeEngine:
@@ -76,6 +78,10 @@ class ServeEngine:
     def __init__(self, batch_engine, *, queue_limit: int, metrics=None):
         self.batch = batch_engine
         self.sched = batch_engine.scheduler
+        # A finished request's cells stay in its slot until needed, so the next request with
+        # the same system prompt or chat history computes only what is new (--no-prefix-sharing
+        # turns this off with the rest of prefix reuse).
+        self.sched.keep_idle = self.sched.share_prefixes
         self.parallel = batch_engine.context.n_seq
         self.capacity = self.parallel + max(0, queue_limit)
         self.metrics = metrics
@@ -178,6 +184,8 @@ class ServeEngine:
             self.sched.cancel(seq)
 
     def _on_text(self, seq, text: str) -> None:
+        """Hand the client (index, text, result when finished, log-probability entries not
+        handed out yet)."""
         h: Handle = seq.id
         if seq.finished:
             res = result(seq, h.error)
@@ -185,9 +193,9 @@ class ServeEngine:
                 self._in_flight -= 1
             if self.metrics is not None:
                 self.metrics.finished(res)
-            self._push(h, (h.index, None, res))
+            self._push(h, (h.index, None, res, seq.new_logprobs()))
         elif text:
-            self._push(h, (h.index, text, None))
+            self._push(h, (h.index, text, None, seq.new_logprobs()))
 
     @staticmethod
     def _push(h: Handle, item: Any) -> None:
@@ -200,6 +208,7 @@ class ServeEngine:
         s = self.sched
         snap = self.snapshot
         snap.running, snap.waiting, snap.kv_used = len(s.running), len(s.waiting), s.kv_used
+        snap.kv_cached = s.kv_cached
         now = time.perf_counter()
         t0, p0, d0 = self._rate_mark
         if now - t0 >= self.RATE_WINDOW_S:

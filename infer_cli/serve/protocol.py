@@ -3,8 +3,8 @@
 
 Fields clients commonly send but that change nothing here (``user``, ``metadata``, ``store``...)
 are accepted and ignored, as OpenAI-compatible servers do; fields whose meaning cannot be
-honoured (log-probabilities, tools, logit bias) are refused with a 400 by the app rather than
-silently dropped, so a client never gets an answer that quietly ignored what it asked for.
+honoured (tools, logit bias) are refused with a 400 by the app rather than silently dropped, so
+a client never gets an answer that quietly ignored what it asked for.
 """
 
 from __future__ import annotations
@@ -14,6 +14,10 @@ import uuid
 from typing import Any, Literal, Optional, Union
 
 from pydantic import BaseModel, ConfigDict, Field
+
+
+MAX_TOP_LOGPROBS = 20        # alternatives per token in chat, as OpenAI allows
+MAX_COMPLETION_LOGPROBS = 5  # and in the (legacy) completions API
 
 
 class _Body(BaseModel):
@@ -70,8 +74,9 @@ class _Sampling(_Body):
     presence_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     frequency_penalty: Optional[float] = Field(default=None, ge=-2, le=2)
     n: int = Field(default=1, ge=1, le=16)
-    logprobs: Optional[Any] = None
-    top_logprobs: Optional[int] = None
+    # chat: true/false (with top_logprobs alternatives); completions: the number of alternatives
+    logprobs: Union[bool, int, None] = None
+    top_logprobs: Optional[int] = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
     logit_bias: Optional[dict[str, float]] = None
     # llama.cpp extras, named as llama-server names them
     top_k: Optional[int] = Field(default=None, ge=0)
@@ -79,6 +84,9 @@ class _Sampling(_Body):
     repeat_penalty: Optional[float] = Field(default=None, gt=0)
     repeat_last_n: Optional[int] = Field(default=None, ge=-1)
     ignore_eos: bool = False
+    # llama-server's switch: reuse the KV of a prompt's beginning held from earlier requests
+    # (faster; a seeded sampled answer can then differ slightly, see the README)
+    cache_prompt: bool = True
 
     def stops(self) -> tuple[str, ...]:
         if self.stop is None:
@@ -144,3 +152,25 @@ def timings(r: dict) -> dict:
             "predicted_n": r["n_generated"], "predicted_ms": round(r["predicted_ms"], 3),
             "predicted_per_second": round(r["predicted_per_second"], 2),
             "cache_n": r["cached_tokens"], "ttft_ms": round(r["ttft_ms"], 3)}
+
+
+def chat_logprobs(entries: list[dict]) -> dict:
+    """Chat's ``logprobs``: one object per generated token, with its alternatives."""
+    def one(e: dict) -> dict:
+        return {"token": e["token"], "logprob": e["logprob"], "bytes": e["bytes"]}
+
+    return {"content": [{**one(e), "top_logprobs": [one(t) for t in e["top_logprobs"]]}
+                        for e in entries], "refusal": None}
+
+
+def completion_logprobs(entries: list[dict], offset: int = 0) -> dict:
+    """The completions API's column form: tokens, their log-probabilities, the alternatives as
+    {token: logprob}, and where each token starts in the choice's text."""
+    offsets = []
+    for e in entries:
+        offsets.append(offset)
+        offset += len(e["token"])
+    return {"tokens": [e["token"] for e in entries],
+            "token_logprobs": [e["logprob"] for e in entries],
+            "top_logprobs": [{t["token"]: t["logprob"] for t in e["top_logprobs"]} for e in entries],
+            "text_offset": offsets}
