@@ -97,10 +97,12 @@ def guarded(smollm2_gguf, tmp_path_factory):
     _stop(s)
 
 
-def _metric(s: Served, name: str, key: str | None = None) -> float:
+def _metric(s: Served, name: str, key: str | None = None, default: float | None = None) -> float:
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     text = httpx.get(s.base + "/metrics", headers=headers, timeout=10).text
-    m = re.search(rf"^{name} ([0-9.e+-]+)$", text, re.M)
+    m = re.search(rf"^{re.escape(name)} ([0-9.e+-]+)$", text, re.M)
+    if m is None and default is not None:
+        return default
     assert m, text
     return float(m.group(1))
 
@@ -166,9 +168,12 @@ def test_json_schema_output_validates(server):
 
 
 def test_seed_reproduces(server):
+    """With cache_prompt off (llama-server's switch) the prompt is computed the same way each
+    time, so a seeded draw repeats exactly."""
     c = server.client()
-    ask = lambda seed: c.completions.create(model="x", prompt="Once upon a time", max_tokens=10,  # noqa: E731
-                                            temperature=1.0, seed=seed).choices[0].text
+    ask = lambda seed: c.completions.create(  # noqa: E731
+        model="x", prompt="Once upon a time", max_tokens=10, temperature=1.0, seed=seed,
+        extra_body={"cache_prompt": False}).choices[0].text
     assert ask(1234) == ask(1234)
 
 
@@ -178,6 +183,74 @@ def test_shared_prefix_is_cached(server):
                                            max_tokens=2, temperature=0)
     assert len(r.choices) == 2
     assert r.usage.prompt_tokens_details.cached_tokens >= 16
+
+
+def test_next_request_reuses_an_idle_slot(server):
+    """A finished request's cells stay in its slot: the next turn of the chat computes only
+    what is new, and the answer is the one a fresh computation gives."""
+    c = server.client()
+    history = [{"role": "system", "content": "You answer in one short sentence. " * 4},
+               {"role": "user", "content": "Name a river in Europe."}]
+    first = c.chat.completions.create(model="x", messages=history, max_tokens=10, temperature=0)
+    again = c.chat.completions.create(model="x", messages=history, max_tokens=10, temperature=0)
+    assert again.choices[0].message.content == first.choices[0].message.content
+    assert again.usage.prompt_tokens_details.cached_tokens == again.usage.prompt_tokens - 1
+    turn = history + [{"role": "assistant", "content": first.choices[0].message.content},
+                      {"role": "user", "content": "And one in Asia?"}]
+    nxt = c.chat.completions.create(model="x", messages=turn, max_tokens=6, temperature=0)
+    assert nxt.usage.prompt_tokens_details.cached_tokens >= first.usage.prompt_tokens
+    assert nxt.model_extra["timings"]["prompt_n"] < nxt.usage.prompt_tokens - first.usage.prompt_tokens + 8
+
+
+def test_logprobs(server):
+    c = server.client()
+    r = c.chat.completions.create(model="x", messages=HI, max_tokens=8, temperature=0,
+                                  logprobs=True, top_logprobs=3)
+    content = r.choices[0].logprobs.content
+    assert len(content) == r.usage.completion_tokens
+    assert "".join(e.token for e in content) == r.choices[0].message.content
+    for e in content:
+        tops = [t.logprob for t in e.top_logprobs]
+        assert len(tops) == 3 and tops == sorted(tops, reverse=True) and tops[0] <= 0
+        # greedy: the chosen token is the most likely one
+        assert e.top_logprobs[0].token == e.token and abs(tops[0] - e.logprob) < 1e-6
+        assert sum(2.718281828 ** t for t in tops) <= 1 + 1e-6
+        assert bytes(e.bytes).decode("utf-8", "replace") == e.token
+    chunks = list(c.chat.completions.create(model="x", messages=HI, max_tokens=8, temperature=0,
+                                            logprobs=True, top_logprobs=3, stream=True))
+    streamed = [e for ch in chunks if ch.choices and ch.choices[0].logprobs
+                for e in ch.choices[0].logprobs.content]
+    assert [(e.token, round(e.logprob, 4)) for e in streamed] == \
+        [(e.token, round(e.logprob, 4)) for e in content]
+    plain = c.chat.completions.create(model="x", messages=HI, max_tokens=8, temperature=0)
+    assert plain.choices[0].logprobs is None
+    done = c.completions.create(model="x", prompt="The capital of France is", max_tokens=6,
+                                temperature=0, logprobs=2, echo=True)
+    lp = done.choices[0].logprobs
+    text = done.choices[0].text
+    assert len(lp.tokens) == len(lp.token_logprobs) == len(lp.text_offset) == 6
+    assert lp.text_offset[0] == len("The capital of France is")
+    assert all(text[o:o + len(t)] == t for o, t in zip(lp.text_offset, lp.tokens))
+    assert all(len(alts) == 2 and max(alts.values()) >= x - 1e-6
+               for alts, x in zip(lp.top_logprobs, lp.token_logprobs))
+
+
+def test_plain_request_cancelled_when_the_client_leaves(server):
+    """A non-streamed request whose client hangs up stops at once, though no text goes out."""
+    before = _metric(server, 'infer_sequences_total{finish_reason="cancelled"}', default=0)
+    body = json.dumps({"prompt": "Once upon a time", "max_tokens": 1500, "ignore_eos": True})
+    with socket.create_connection(("127.0.0.1", server.port)) as sock:
+        sock.sendall((f"POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json"
+                      f"\r\nContent-Length: {len(body)}\r\n\r\n{body}").encode())
+        deadline = time.monotonic() + 20
+        while _metric(server, "infer_sequences_running") == 0:
+            assert time.monotonic() < deadline
+            time.sleep(0.05)
+    deadline = time.monotonic() + 5
+    while _metric(server, "infer_sequences_running") != 0:
+        assert time.monotonic() < deadline, "the sequence kept running after the client left"
+        time.sleep(0.1)
+    assert _metric(server, 'infer_sequences_total{finish_reason="cancelled"}', default=0) == before + 1
 
 
 def test_parallel_requests_overlap(server):
@@ -226,7 +299,11 @@ def test_bad_inputs_get_error_objects(server):
     assert err["param"] == "messages"
     err = _error_object(httpx.post(url, json={"messages": HI, "max_tokens": "many"}), 400)
     assert err["param"] == "max_tokens"
-    _error_object(httpx.post(url, json={"messages": HI, "logprobs": True}), 400)
+    _error_object(httpx.post(url, json={"messages": HI, "top_logprobs": 2}), 400)
+    assert _error_object(httpx.post(url, json={"messages": HI, "logprobs": True,
+                                               "top_logprobs": 99}), 400)["param"] == "top_logprobs"
+    _error_object(httpx.post(server.base + "/v1/completions",
+                             json={"prompt": "x", "logprobs": 9}), 400)
     _error_object(httpx.get(server.base + "/v1/nothing"), 404)
     _error_object(httpx.post(url, content=b"x" * (9 * 1024 * 1024),
                              headers={"content-type": "application/json"}), 413)

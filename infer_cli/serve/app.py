@@ -23,6 +23,7 @@ from pydantic import ValidationError
 from starlette.concurrency import run_in_threadpool
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from infer_cli.engine.json_schema import JSON_OBJECT_GBNF, UnsupportedSchema, to_gbnf
 from infer_cli.engine.sampling import Sampling
 from infer_cli.serve import protocol as P
 from infer_cli.serve.engine import QueueFull, ServeEngine, ShuttingDown
@@ -240,32 +241,28 @@ def create_app(settings: Settings) -> FastAPI:
                              "n_vocab": server.model.n_vocab, "parallel": server.engine.parallel}
         return {"object": "list", "data": [entry]}
 
+    async def generate(request: Request, schema, chat: bool):
+        """Both generation routes: parse, check, tokenize, hand to the engine, answer."""
+        authorize(request)
+        body = await _parse(request, schema)
+        engine = server.require()
+        top = _check_options(body, chat)
+        if chat:
+            prompts = [await run_in_threadpool(_chat_tokens, server, body)]
+        else:
+            prompts = await run_in_threadpool(_completion_tokens, server, body)
+        grammar = _grammar(body.response_format)
+        max_tokens = (body.max_completion_tokens or body.max_tokens) if chat else body.max_tokens
+        reqs = await run_in_threadpool(_requests, server, body, prompts, grammar, max_tokens, top)
+        return await _answer(request, server, engine, body, reqs, chat=chat)
+
     @app.post("/v1/chat/completions")
     async def chat(request: Request):
-        authorize(request)
-        body = await _parse(request, P.ChatCompletionRequest)
-        engine = server.require()
-        _refuse_unsupported(body)
-        if body.tools:
-            raise APIError(400, "tools are not supported by this server", param="tools")
-        prompt = await run_in_threadpool(_chat_tokens, server, body)
-        grammar = _grammar(body.response_format)
-        reqs = await run_in_threadpool(_requests, server, body, [prompt], grammar,
-                                       body.max_completion_tokens or body.max_tokens)
-        return await _answer(request, server, engine, body, reqs, chat=True)
+        return await generate(request, P.ChatCompletionRequest, True)
 
     @app.post("/v1/completions")
     async def completions(request: Request):
-        authorize(request)
-        body = await _parse(request, P.CompletionRequest)
-        engine = server.require()
-        _refuse_unsupported(body)
-        if body.suffix:
-            raise APIError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
-        prompts = await run_in_threadpool(_completion_tokens, server, body)
-        grammar = _grammar(body.response_format)
-        reqs = await run_in_threadpool(_requests, server, body, prompts, grammar, body.max_tokens)
-        return await _answer(request, server, engine, body, reqs, chat=False)
+        return await generate(request, P.CompletionRequest, False)
 
     app.add_middleware(BodyLimit, cap=settings.max_body)
     if settings.cors:
@@ -326,13 +323,30 @@ async def _parse(request: Request, model):
         raise APIError(400, detail["message"], param=detail["param"], code="invalid_value") from None
 
 
-def _refuse_unsupported(body) -> None:
-    if body.logprobs or body.top_logprobs:
-        raise APIError(400, "logprobs are not supported by this server", param="logprobs")
+def _check_options(body, chat: bool) -> int | None:
+    """Refuse what this server cannot honour (a 400 naming it, never a silent ignore); return
+    how many alternatives to report per token's log-probability, or None for none."""
     if body.logit_bias:
         raise APIError(400, "logit_bias is not supported by this server", param="logit_bias")
     if getattr(body, "best_of", None) not in (None, 1):
         raise APIError(400, "best_of is not supported by this server", param="best_of")
+    if chat:
+        if body.tools:
+            raise APIError(400, "tools are not supported by this server", param="tools")
+        if body.top_logprobs is not None and not body.logprobs:
+            raise APIError(400, "top_logprobs needs logprobs: true", param="top_logprobs")
+        if not isinstance(body.logprobs, (bool, type(None))):
+            raise APIError(400, "logprobs must be true or false", param="logprobs")
+        return (body.top_logprobs or 0) if body.logprobs else None
+    if body.suffix:
+        raise APIError(400, "suffix (fill-in-the-middle) is not supported", param="suffix")
+    if body.logprobs is None or body.logprobs is False:
+        return None
+    if isinstance(body.logprobs, bool) or not isinstance(body.logprobs, int) \
+            or not 0 <= body.logprobs <= P.MAX_COMPLETION_LOGPROBS:
+        raise APIError(400, f"logprobs must be an integer 0..{P.MAX_COMPLETION_LOGPROBS}",
+                       param="logprobs")
+    return body.logprobs
 
 
 # --- prompts, grammars, requests (run in a worker thread: tokenizing a long prompt takes time) ---
@@ -384,8 +398,6 @@ def _grammar(fmt) -> str | None:
     """The GBNF grammar for a response_format, or None for free text."""
     if fmt is None or fmt.type == "text":
         return None
-    import llama_cpp.llama_grammar as G
-
     schema = fmt.schema_
     if fmt.type == "json_schema":
         if fmt.json_schema is None or fmt.json_schema.schema_ is None:
@@ -393,15 +405,16 @@ def _grammar(fmt) -> str | None:
                            param="response_format.json_schema.schema")
         schema = fmt.json_schema.schema_
     if schema is None:
-        return G.JSON_GBNF
+        return JSON_OBJECT_GBNF  # json_object: any JSON object
     try:
-        return G.json_schema_to_gbnf(json.dumps(schema))
-    except Exception as e:  # noqa: BLE001 - the converter raises plain exceptions for what it lacks
-        raise APIError(400, f"the JSON schema uses what this server cannot enforce: "
-                       f"{type(e).__name__}: {e}", param="response_format") from None
+        return to_gbnf(schema)
+    except UnsupportedSchema as e:  # the text must always validate: refuse what is not enforced
+        raise APIError(400, f"the JSON schema uses what this server cannot enforce: {e}",
+                       param="response_format") from None
 
 
-def _requests(server: Server, body, prompts: list[list[int]], grammar: str | None, max_tokens):
+def _requests(server: Server, body, prompts: list[list[int]], grammar: str | None, max_tokens,
+              logprobs: int | None = None):
     """The engine requests of one HTTP request: ``n`` per prompt, after every check."""
     from infer_cli.engine.generate import Request as EngineRequest
     from infer_cli.engine.sampling import Sampler
@@ -434,7 +447,8 @@ def _requests(server: Server, body, prompts: list[list[int]], grammar: str | Non
         want = max_tokens or (d.max_tokens if d.max_tokens > 0 else room)
         for i in range(body.n):
             si = s if i == 0 or s.seed < 0 else replace(s, seed=s.seed + i)
-            reqs.append(EngineRequest(tuple(tokens), si, min(want, room), stop, body.ignore_eos))
+            reqs.append(EngineRequest(tuple(tokens), si, min(want, room), stop, body.ignore_eos,
+                                      logprobs, body.cache_prompt))
     return reqs
 
 
@@ -470,14 +484,15 @@ async def _answer(request: Request, server: Server, engine: ServeEngine, body, r
     choices = []
     for i, r in enumerate(results):
         fr = P.finish_reason(r["finish_reason"])
+        lps = r["logprobs"]
         if chat:
             choices.append({"index": i, "message": {"role": "assistant", "content": r["text"]},
-                            "logprobs": None, "finish_reason": fr})
+                            "logprobs": None if lps is None else P.chat_logprobs(lps),
+                            "finish_reason": fr})
         else:
-            text = r["text"]
-            if prompts_text is not None:
-                text = prompts_text[i // body.n] + text
-            choices.append({"index": i, "text": text, "logprobs": None, "finish_reason": fr})
+            head = prompts_text[i // body.n] if prompts_text is not None else ""
+            choices.append({"index": i, "text": head + r["text"], "finish_reason": fr,
+                            "logprobs": None if lps is None else P.completion_logprobs(lps, len(head))})
     return {**meta, "object": "chat.completion" if chat else "text_completion",
             "system_fingerprint": "infer", "choices": choices, "usage": P.usage(results),
             "timings": P.timings(results[0])}
@@ -488,21 +503,30 @@ def _token_note(results) -> str:
 
 
 async def _collect(request: Request, engine: ServeEngine, handles, sink) -> list[dict]:
-    """Every choice's result; a client that hangs up cancels its sequences."""
+    """Every choice's result. A client that hangs up cancels its sequences at once: a watcher
+    waits for the disconnect (it does not depend on tokens flowing, so a long prompt being
+    computed is cancelled as promptly as a long answer)."""
     results: list = [None] * len(handles)
     left = len(handles)
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        engine.cancel(handles)
+        sink.put_nowait(None)
+
+    watcher = asyncio.create_task(watch())
     try:
         while left:
-            try:
-                idx, _text, res = await asyncio.wait_for(sink.get(), timeout=0.5)
-            except asyncio.TimeoutError:
-                if await request.is_disconnected():
-                    raise APIError(499, "the client closed the connection") from None
-                continue
+            item = await sink.get()
+            if item is None:
+                raise APIError(499, "the client closed the connection")
+            idx, _text, res, _lps = item
             if res is not None:
                 results[idx] = res
                 left -= 1
     finally:
+        watcher.cancel()
         if left:
             engine.cancel(handles)
     return results
@@ -520,12 +544,20 @@ async def _stream(engine, handles, sink, meta, chat: bool, include_usage: bool, 
     results: list = [None] * len(handles)
     left = len(handles)
 
-    def chunk(idx: int, piece: str | None, finish: str | None = None, extra=None) -> dict:
+    offsets = [len(prompts_text[h.index // n]) if prompts_text is not None else 0 for h in handles]
+
+    def chunk(idx: int, piece: str | None, finish: str | None = None, extra=None,
+              lps: list | None = None) -> dict:
         if chat:
             choice = {"index": idx, "delta": {} if piece is None else {"content": piece},
-                      "logprobs": None, "finish_reason": finish}
+                      "logprobs": P.chat_logprobs(lps) if lps else None, "finish_reason": finish}
         else:
-            choice = {"index": idx, "text": piece or "", "logprobs": None, "finish_reason": finish}
+            logprobs = None
+            if lps:
+                logprobs = P.completion_logprobs(lps, offsets[idx])
+                offsets[idx] += sum(len(e["token"]) for e in lps)
+            choice = {"index": idx, "text": piece or "", "logprobs": logprobs,
+                      "finish_reason": finish}
         out = {**meta, "object": obj, "system_fingerprint": "infer", "choices": [choice]}
         if extra:
             out.update(extra)
@@ -540,9 +572,9 @@ async def _stream(engine, handles, sink, meta, chat: bool, include_usage: bool, 
             elif prompts_text is not None:
                 yield _sse(chunk(h.index, prompts_text[h.index // n]))
         while left:
-            idx, text, res = await sink.get()
+            idx, text, res, lps = await sink.get()
             if res is None:
-                yield _sse(chunk(idx, text))
+                yield _sse(chunk(idx, text, lps=lps))
                 continue
             results[idx] = res
             left -= 1
@@ -550,7 +582,7 @@ async def _stream(engine, handles, sink, meta, chat: bool, include_usage: bool, 
                 yield _sse(P.error_body(f"generation failed: {res['error']}", "server_error"))
                 continue
             yield _sse(chunk(idx, None, P.finish_reason(res["finish_reason"]),
-                             {"timings": P.timings(res)}))
+                             {"timings": P.timings(res)}, lps))
         done = [r for r in results if r is not None]
         note["tokens"] = _token_note(done)
         if include_usage and done:
