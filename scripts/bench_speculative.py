@@ -3,17 +3,26 @@
 
 Pairs are made from the test models by llama.cpp's quantizer (tests/derived.py): Gemma 3 270M
 F32 with its Q4_K_M as draft, SmolLM2-135M F32 with its Q4_1, and SmolLM2 F16 with Q4_1 (where
-speculation should step aside). Greedy, same prompts, same thread count, same token count; runs
-alternate between the two sides. One repetition runs every prompt on every side; its speed is
-the tokens of all prompts over their decode time together, and each figure is the median of
---reps repetitions.
+speculation should step aside); prompt lookup runs on SmolLM2 Q4_1 against llama.cpp's
+ngram-simple on the copy/edit prompts. Greedy, same prompt tokens (the chat template rendered
+into the text, so both sides read the same tokens), same thread count, same token count.
 
-Several prompts, because one is a coin toss: greedy text reaches near-ties (two tokens within
-1e-3 in logit), and a batch of drafts is computed in a different order than single tokens, so a
-speculative run can take the other branch at such a tie, in llama.cpp's own run as in ours, and
-from there the texts (and how repetitive, so how predictable, they are) differ.
+Two prompt sets: TUNING, which the policy's constants were chosen on, and HELD_OUT, which
+tuning never looked at (letters, explanations, code, lists, dialogue, copy/edit tasks). Every
+repetition runs every prompt of a set on every side, the sides in an order that rotates from
+one repetition to the next; a side's speed in a repetition is the tokens of all prompts over
+their decode time together. Figures are medians over --reps repetitions, ratios are taken per
+repetition against the baseline of the same repetition; "min" is the worst repetition.
 
-    .venv/bin/python scripts/bench_speculative.py [--reps 3] [--tokens 256] [--threads 2]
+Stability: each (side, prompt) is one command run --reps times; its spread is the largest
+distance of a run's decode speed from that command's median. Plain decoding's spread on the
+same prompts in the same minutes is the machine's own noise.
+
+Greedy text can part at near-ties (a batch of drafts is computed in another order than single
+tokens), so "same text" counts the prompts whose text equals plain decoding in every run.
+
+    flock /tmp/infer-cpu.lock .venv/bin/python scripts/bench_speculative.py [--reps 5]
+        [--tokens 256] [--threads 2] [--sets tuning,held-out]
         [--pairs gemma,smollm2-f32,smollm2-f16,lookup]
 """
 
@@ -25,6 +34,7 @@ import re
 import statistics
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -35,58 +45,104 @@ from tests.derived import expand  # noqa: E402
 STORE = ROOT / ".cache" / "test-home" / "store"
 SMOL = STORE / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf"
 GEMMA = STORE / "gemma3-270m" / "gemma-3-270m-q4_k_m.gguf"
-PROMPTS = ["The history of the printing press begins",
-           "Write a short story about a robot who learns to paint.",
-           "def fibonacci(n):",
-           "The three most important causes of the French Revolution were"]
-PASSAGE = " ".join([
+
+MILL = " ".join([
     "The old mill stood by the river for two hundred years, and every spring the water rose to turn",
     "its great wooden wheel. The miller ground wheat and barley for the farms of the whole valley,",
     "and on market days the carts lined up along the lane from the bridge to the church. When the",
     "railway came to the next town, the carts went there instead, and one by one the farms sold",
     "their grain to the big steam mills in the city. The wheel turned more slowly each year until,",
-    "one dry summer, it stopped altogether and never moved again. The miller's daughter kept the",
-    "house and planted roses against the stone walls, and children from the village came to fish",
-    "in the mill pond and to listen to her stories about the busy years. Travellers who stopped",
-    "on the bridge often asked why such a fine building stood empty, and she would tell them that",
-    "a mill is only a mill while the river and the people need it, and that both had moved on.",
-] * 2)
-COPY_PROMPT = (f"Here is a passage:\n\n{PASSAGE}\n\nRepeat the passage exactly, but write 'stream' "
-               f"instead of 'river'.\n\nPassage:\n")
+    "one dry summer, it stopped altogether and never moved again.",
+])
+HARBOUR = " ".join([
+    "Every morning the fishing boats left the harbour before dawn, their lamps swaying over the dark",
+    "water. By noon the first of them came back, low in the water, and the women on the quay sorted",
+    "the catch into wooden crates packed with ice. The best fish went by lorry to the restaurants of",
+    "the capital; the rest was sold at the market behind the lighthouse, where the gulls waited on",
+    "every roof. In winter the storms kept the boats in for weeks at a time, and the men mended nets",
+    "in the sheds and told the same stories they had told the winter before.",
+])
+RECIPE = "\n".join([
+    "Pancakes (serves 4)",
+    "- 200 g flour",
+    "- 2 eggs",
+    "- 300 ml milk",
+    "- 1 pinch of salt",
+    "- 20 g melted butter",
+    "1. Whisk the flour, eggs and salt, then add the milk a little at a time.",
+    "2. Stir in the melted butter and rest the batter for 30 minutes.",
+    "3. Heat a pan, pour in a ladle of batter and cook each side for one minute.",
+])
+
+# (kind, prompt). Tuning: what the policy's constants were chosen on.
+TUNING = [
+    ("explanation", "The history of the printing press begins"),
+    ("story", "Write a short story about a robot who learns to paint."),
+    ("code", "def fibonacci(n):"),
+    ("list", "The three most important causes of the French Revolution were"),
+    ("copy/edit", f"Here is a passage:\n\n{MILL}\n\nRepeat the passage exactly, but write "
+                  f"'stream' instead of 'river'."),
+]
+# Held out: never run while tuning.
+HELD_OUT = [
+    ("letter", "Write a letter to your landlord asking for the broken heating to be repaired "
+               "before winter."),
+    ("letter", "Write a short thank-you letter to a teacher who helped you learn to read."),
+    ("explanation", "Explain how vaccines train the immune system, for a curious twelve-year-old."),
+    ("explanation", "What is the difference between weather and climate?"),
+    ("code", "Write a Python function that reads a CSV file and returns the average of every "
+             "numeric column."),
+    ("list", "List ten tips for keeping houseplants healthy, one line each."),
+    ("dialogue", "Write a dialogue between a customer and a baker who has run out of bread."),
+    ("copy/edit", f"Here is a passage:\n\n{HARBOUR}\n\nCopy the passage word for word, but "
+                  f"change 'harbour' to 'port' everywhere."),
+    ("copy/edit", f"Here is a recipe:\n\n{RECIPE}\n\nRewrite the recipe exactly as it is, but "
+                  f"for 8 people: double every quantity."),
+]
+SETS = {"tuning": TUNING, "held-out": HELD_OUT}
+
+TEMPLATES = {  # the chat template each family's GGUF carries, for one user turn
+    "gemma": "<start_of_turn>user\n{}<end_of_turn>\n<start_of_turn>model\n",
+    "smollm2": "<|im_start|>user\n{}<|im_end|>\n<|im_start|>assistant\n",
+}
 
 
 def native_bin() -> Path:
+    built = ROOT / ".cache" / "native" / "src" / "build" / "bin"
     out = subprocess.run(["bash", str(ROOT / "scripts" / "native.sh")], capture_output=True,
-                         text=True, check=True).stdout.strip().splitlines()
-    return Path(out[-1])
+                         text=True)
+    if out.returncode == 0:
+        return Path(out.stdout.strip().splitlines()[-1])
+    if (built / "llama-speculative-simple").exists():  # a build that native.sh would redo
+        print(f"native.sh failed; using the tools already built in {built}", file=sys.stderr)
+        return built
+    raise SystemExit(f"native.sh failed:\n{out.stderr[-2000:]}")
 
 
-def native(bin_dir: Path, target: Path, draft: Path | None, n_max: int, args,
-           prompt: str) -> tuple[int, float]:
+def native(bin_dir: Path, target: Path, spec: list[str], args, prompt: str) -> dict:
     """Tokens decoded and seconds, as llama-speculative-simple reports them."""
     cmd = [str(bin_dir / "llama-speculative-simple"), "-m", str(target), "-p", prompt,
            "-n", str(args.tokens), "--temp", "0", "-t", str(args.threads), "--ignore-eos",
-           "-c", "2048", "--spec-draft-n-max", str(n_max)]
-    cmd += ["-md", str(draft), "--spec-type", "draft-simple"] if draft else []
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+           "-c", "2048", *spec]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     m = re.search(r"decoded\s+(\d+) tokens in\s+([\d.]+) seconds", out.stdout + out.stderr)
     if not m:
         raise SystemExit(f"llama-speculative-simple printed no speed:\n{out.stderr[-2000:]}")
-    return int(m.group(1)), float(m.group(2))
+    acc = re.search(r"accept\s*=\s*([\d.]+)%", out.stderr)
+    return {"tokens": int(m.group(1)), "seconds": float(m.group(2)),
+            "acceptance": float(acc.group(1)) / 100 if acc else None}
 
 
-def infer(target: Path, extra: list[str], args, prompt: str, ignore_eos: bool = True) -> dict:
+def infer(target: Path, extra: list[str], args, prompt: str) -> dict:
     cmd = [str(ROOT / ".venv" / "bin" / "infer"), "run", str(target), prompt, "--raw", "--temp", "0",
            "--repeat-penalty", "1", "-n", str(args.tokens), "--threads", str(args.threads),
-           "--no-prompt-cache", "--ctx", "2048", "--json", *extra]
-    if ignore_eos:
-        cmd.append("--ignore-eos")
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+           "--no-prompt-cache", "--ctx", "2048", "--ignore-eos", "--json", *extra]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
     if out.returncode != 0:
         raise SystemExit(f"infer failed: {out.stderr[-2000:]}")
     doc = json.loads(out.stdout)
     st = doc["stats"]
-    return {"tps": st["decode_tps"], "tokens": st["generated_tokens"] - 1, "seconds": st["decode_s"],
+    return {"tokens": st["generated_tokens"] - 1, "seconds": st["decode_s"],
             "spec": st.get("speculative"), "text": doc["text"]}
 
 
@@ -94,78 +150,137 @@ def median(xs):
     return statistics.median(xs) if xs else float("nan")
 
 
+def spread(xs) -> float:
+    """Largest distance of a run from the median, as a fraction of it."""
+    m = median(xs)
+    return max(abs(x / m - 1) for x in xs) if xs and m else float("nan")
+
+
+def pairs(args):
+    """(key, label, target, {side: command}) for every wanted pair."""
+    n_max = [int(x) for x in args.n_max.split(",")]
+    size_m = [int(x) for x in args.size_m.split(",")]
+    out = []
+    for key, label, target, draft, family in (
+            ("gemma", "gemma3 F32 / Q4_K_M", lambda: expand(GEMMA, "F32"), GEMMA, "gemma"),
+            ("smollm2-f32", "smollm2 F32 / Q4_1", lambda: expand(SMOL, "F32"), SMOL, "smollm2"),
+            ("smollm2-f16", "smollm2 F16 / Q4_1", lambda: expand(SMOL, "F16"), SMOL, "smollm2")):
+        sides = {"plain": ("infer", []), "spec": ("infer", ["--draft", str(draft)])}
+        if family == "smollm2" and args.n_max_smollm2:
+            n_max = [int(x) for x in args.n_max_smollm2.split(",")]
+        for n in n_max:
+            sides[f"native{n}"] = ("native", ["-md", str(draft), "--spec-type", "draft-simple",
+                                              "--spec-draft-n-max", str(n)])
+        out.append((key, label, target, family, sides, False))
+    sides = {"plain": ("infer", []), "spec": ("infer", ["--lookup"])}
+    for m in size_m:
+        sides[f"native{m}"] = ("native", ["--spec-type", "ngram-simple",
+                                          "--spec-ngram-simple-size-m", str(m)])
+    out.append(("lookup", "lookup, copy/edit (smollm2 Q4_1)", lambda: SMOL, "smollm2", sides, True))
+    wanted = set(args.pairs.split(","))
+    return [p for p in out if p[0] in wanted]
+
+
+def run_pair(bin_dir, target, family, sides, prompts, args) -> dict:
+    names = list(sides)
+    runs = {k: [] for k in names}             # per repetition: tokens/s over all prompts
+    per_prompt = {k: [[] for _ in prompts] for k in names}  # per prompt: tokens/s per rep
+    texts = [[] for _ in prompts]             # per prompt: (plain text, spec text) per rep
+    specs = []
+    for rep in range(args.reps):
+        order = names[rep % len(names):] + names[:rep % len(names)]
+        tok = {k: 0 for k in names}
+        sec = {k: 0.0 for k in names}
+        for i, (_, prompt) in enumerate(prompts):
+            text = TEMPLATES[family].format(prompt)
+            got = {}
+            for k in order:
+                how, extra = sides[k]
+                got[k] = (infer(target, extra, args, text) if how == "infer"
+                          else native(bin_dir, target, extra, args, text))
+                tok[k] += got[k]["tokens"]
+                sec[k] += got[k]["seconds"]
+                per_prompt[k][i].append(got[k]["tokens"] / got[k]["seconds"])
+            texts[i].append(got["plain"]["text"] == got["spec"]["text"])
+            specs.append(got["spec"]["spec"])
+        for k in names:
+            runs[k].append(tok[k] / sec[k])
+        print(f"  rep {rep + 1}: " + ", ".join(f"{k} {runs[k][-1]:.1f}" for k in names),
+              file=sys.stderr, flush=True)
+    return {"runs": runs, "per_prompt": per_prompt, "same": texts, "specs": specs}
+
+
+def summarize(label, r, n_prompts) -> dict:
+    runs = r["runs"]
+    natives = [k for k in runs if k.startswith("native")]
+    best = max(natives, key=lambda k: median(runs[k]))
+    vs_native = [s / n for s, n in zip(runs["spec"], runs[best])]
+    vs_plain = [s / p for s, p in zip(runs["spec"], runs["plain"])]
+    specs = [x for x in r["specs"] if x]
+    offs = sum(1 for x in specs if any(s["to"] == "off" for s in x["switches"]))
+    ons = sum(1 for x in specs if any(s["to"] == "on" for s in x["switches"]))
+    spec_spread = [spread(xs) for xs in r["per_prompt"]["spec"]]
+    plain_spread = [spread(xs) for xs in r["per_prompt"]["plain"]]
+    return {
+        "label": label, "plain": median(runs["plain"]), "native": median(runs[best]),
+        "best": best[len("native"):], "spec": median(runs["spec"]),
+        "vs_native": median(vs_native), "vs_native_min": min(vs_native),
+        "vs_plain": median(vs_plain), "vs_plain_min": min(vs_plain),
+        "same": f"{sum(all(x) for x in r['same'])}/{n_prompts}",
+        "acceptance": sum(x["accepted"] for x in specs) / max(1, sum(x["drafted"] for x in specs)),
+        "offs": f"{offs}/{len(specs)}", "ons": f"{ons}/{len(specs)}",
+        "spread": max(spec_spread), "within8": f"{sum(s <= 0.08 for s in spec_spread)}/{n_prompts}",
+        "plain_spread": max(plain_spread),
+        "plain_within8": f"{sum(s <= 0.08 for s in plain_spread)}/{n_prompts}",
+    }
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--reps", type=int, default=3)
+    ap.add_argument("--reps", type=int, default=5)
     ap.add_argument("--tokens", type=int, default=256)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--n-max", default="4,8,16", help="native draft lengths to try")
+    ap.add_argument("--n-max", default="8,16", help="native draft lengths to try")
+    ap.add_argument("--n-max-smollm2", default=None, help="the same for the SmolLM2 pairs "
+                    "(default: --n-max)")
+    ap.add_argument("--size-m", default="16,48", help="native ngram-simple draft lengths to try")
     ap.add_argument("--pairs", default="gemma,smollm2-f32,smollm2-f16,lookup")
+    ap.add_argument("--sets", default="tuning,held-out")
+    ap.add_argument("--prompts", type=int, default=0, help="only the first N of each set (0: all)")
     args = ap.parse_args()
     bin_dir = native_bin()
-    pairs = [("gemma", "gemma3 F32 / Q4_K_M", expand(GEMMA, "F32"), GEMMA),
-             ("smollm2-f32", "smollm2 F32 / Q4_1", expand(SMOL, "F32"), SMOL),
-             ("smollm2-f16", "smollm2 F16 / Q4_1", expand(SMOL, "F16"), SMOL)]
-    wanted = set(args.pairs.split(","))
-    n_maxes = [int(x) for x in args.n_max.split(",")]
-    rows, raw = [], {}
-    for key, label, target, draft in pairs:
-        if key not in wanted:
-            continue
-        sides = ["plain", "draft", *(f"native{n}" for n in n_maxes)]
-        r = {**{k: [] for k in sides}, "identical": [], "spec": []}
-        for _ in range(args.reps):
-            tok = {k: 0 for k in sides}
-            sec = {k: 0.0 for k in sides}
-            for prompt in PROMPTS:
-                plain = infer(target, [], args, prompt)
-                spec = infer(target, ["--draft", str(draft)], args, prompt)
-                for k, res in (("plain", plain), ("draft", spec)):
-                    tok[k] += res["tokens"]
-                    sec[k] += res["seconds"]
-                r["identical"].append(plain["text"] == spec["text"])
-                r["spec"].append(spec["spec"])
-                for n in n_maxes:
-                    t, s_ = native(bin_dir, target, draft, n, args, prompt)
-                    tok[f"native{n}"] += t
-                    sec[f"native{n}"] += s_
-            for k in sides:
-                r[k].append(tok[k] / sec[k])
-        best_n = max(n_maxes, key=lambda n: median(r[f"native{n}"]))
-        nat = median(r[f"native{best_n}"])
-        specs = [x for x in r["spec"] if x]
-        acc = sum(x["accepted"] for x in specs) / max(1, sum(x["drafted"] for x in specs))
-        offs = sum(1 for x in specs if x.get("switched_off"))
-        rows.append((label, median(r["plain"]), nat, best_n, median(r["draft"]),
-                     f"{sum(r['identical'])}/{len(r['identical'])}", acc,
-                     f"switched off in {offs}/{len(specs)} runs" if offs else ""))
-        raw[label] = r
-    # Prompt lookup on a copy task.
-    look = {"plain": [], "lookup": [], "identical": True}
-    for _ in range(args.reps if "lookup" in wanted else 0):
-        p = infer(SMOL, [], args, COPY_PROMPT, ignore_eos=False)
-        q = infer(SMOL, ["--lookup"], args, COPY_PROMPT, ignore_eos=False)
-        look["plain"].append(p["tps"])
-        look["lookup"].append(q["tps"])
-        look["identical"] &= p["text"] == q["text"]
-        look["last_spec"] = q["spec"]
-    raw["lookup"] = look
-
-    print(f"\nSpeculative decoding, greedy, {len(PROMPTS)} prompts x {args.tokens} tokens, "
-          f"{args.threads} threads, median of {args.reps} (infer alternating with "
-          f"llama-speculative-simple)\n")
-    print("| pair | infer plain t/s | native spec t/s (best n_max) | infer spec t/s | vs native | "
-          "vs plain | same text | acceptance | note |")
-    print("|---|---|---|---|---|---|---|---|---|")
-    for label, plain, nat, best_n, spec, same, acc, note in rows:
-        print(f"| {label} | {plain:.1f} | {nat:.1f} ({best_n}) | {spec:.1f} | {spec / nat:.2f} | "
-              f"{spec / plain:.2f} | {same} | {acc:.0%} | {note} |")
-    if look["plain"]:
-        lp, lq = median(look["plain"]), median(look["lookup"])
-        sp = look["last_spec"] or {}
-        print(f"| prompt lookup, copy task (smollm2 Q4_1) | {lp:.1f} | | {lq:.1f} | | "
-              f"{lq / lp:.2f} | {look['identical']} | {sp.get('acceptance', 0):.0%} | |")
-    (ROOT / ".cache" / "bench_speculative.json").write_text(json.dumps(raw, indent=1, default=str))
+    raw, tables = {}, {}
+    t0 = time.time()
+    for set_name in args.sets.split(","):
+        rows = []
+        for key, label, target, family, sides, copy_only in pairs(args):
+            prompts = [p for p in SETS[set_name] if p[0] == "copy/edit" or not copy_only]
+            if args.prompts:
+                prompts = prompts[:args.prompts]
+            print(f"{set_name}: {label}, {len(prompts)} prompts", file=sys.stderr, flush=True)
+            r = run_pair(bin_dir, target(), family, sides, prompts, args)
+            raw[f"{set_name}: {label}"] = r
+            rows.append(summarize(label, r, len(prompts)))
+        tables[set_name] = rows
+    print(f"\nSpeculative decoding, greedy, {args.tokens} tokens a prompt, {args.threads} threads, "
+          f"median of {args.reps} repetitions ({time.time() - t0:.0f} s), infer alternating with "
+          f"llama-speculative-simple\n")
+    for set_name, rows in tables.items():
+        print(f"{set_name} ({len(SETS[set_name])} prompts; lookup on its copy/edit ones)\n")
+        print("| pair | plain t/s | native t/s (best n) | infer spec t/s | vs native (min) | "
+              "vs plain (min) | same text as plain | acceptance | off / back on (runs) | "
+              "spec spread, within 8% | plain spread, within 8% |")
+        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        for s in rows:
+            print(f"| {s['label']} | {s['plain']:.1f} | {s['native']:.1f} ({s['best']}) | "
+                  f"{s['spec']:.1f} | {s['vs_native']:.2f} ({s['vs_native_min']:.2f}) | "
+                  f"{s['vs_plain']:.2f} ({s['vs_plain_min']:.2f}) | {s['same']} | "
+                  f"{s['acceptance']:.0%} | {s['offs']} / {s['ons']} | "
+                  f"{s['spread']:.1%}, {s['within8']} | {s['plain_spread']:.1%}, "
+                  f"{s['plain_within8']} |")
+        print()
+    out = ROOT / ".cache" / "bench_speculative.json"
+    out.write_text(json.dumps({"tables": tables, "raw": raw}, indent=1, default=str))
 
 
 if __name__ == "__main__":

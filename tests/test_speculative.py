@@ -25,7 +25,7 @@ def _run(target_session, tokens, *, speculator=None, n=48, sampling=GREEDY):
 
 
 def _always_on(spec):
-    spec.verdict_rounds = 10 ** 9  # correctness tests: timing never decides
+    spec.evidence = spec.probe_evidence = 10 ** 9  # correctness tests: no verdict ever
     return spec
 
 
@@ -153,79 +153,175 @@ def test_sampling_with_a_seed_is_reproducible_and_the_counts_add_up(gemma_pair):
     assert runs[0] == runs[1]
 
 
-def _costed(t_plain, t_draft, slope, accepted, rejections, rounds=3, kind=speculative.PromptLookup):
-    spec = kind(stats=speculative.SpecStats("draft"), draft_max=16)
-    spec.t_plain, spec.t_draft, spec.t_overhead, spec.verify_slope = t_plain, t_draft, t_draft, slope
-    st = spec.stats
-    st.accepted, spec.rejections, st.rounds = accepted, rejections, rounds
-    st.drafted, st.spec_tokens, st.spec_s = accepted + rejections, accepted + rounds, 0.05
+# --- the policy: decisions from acceptance counts ------------------------------------------
+
+def _policy(cost=0.3, kind=speculative.PromptLookup, **kw):
+    """A speculator whose cost figure is known, as after calibration: what follows depends on
+    the acceptance counts it is given and on nothing else."""
+    spec = kind(stats=speculative.SpecStats("lookup"), **kw)
+    spec.stats.cost, spec.stats.cost_from = cost, "given"
     return spec
 
 
-def _judge(spec, rounds, plain_after=None):
-    """Feed measured rounds (tokens, seconds) to the verdict; when it asks for plain steps to
-    re-measure the baseline, give it ``plain_after`` seconds a step and let it decide."""
-    for tokens, seconds in rounds:
-        spec.stats.rounds += 1
-        spec._verdict(tokens, seconds)
-        if spec.confirm_left:
-            spec.plain_times = [plain_after or spec.t_plain] * spec.confirm_steps
-            spec.t_plain = plain_after or spec.t_plain
-            spec.confirm_left = 0
-            spec._decide()
-        if spec.stats.switched_off:
-            return
+def _feed(spec, rounds, *, plain_until=None):
+    """Give the policy rounds of (drafted, accepted); a step it would take plain is counted
+    as one plain token. With ``plain_until``, go on with plain steps up to that token."""
+    for drafted, accepted in rounds:
+        while not spec.speculating():
+            spec.produced += 1
+        spec.observe(drafted, accepted)
+    while plain_until is not None and spec.produced < plain_until and not spec.speculating():
+        spec.produced += 1
 
 
-def test_speculation_switches_itself_off_when_it_does_not_pay():
-    # Rounds that each took 3 plain steps' time for 2 tokens: off, but only once there is
-    # enough evidence (verdict_rounds rounds) and the re-measured plain step confirms it.
-    def slow():
-        return _costed(t_plain=0.010, t_draft=0.009, slope=0.2, accepted=5, rejections=5,
-                       rounds=1, kind=speculative.DraftModel)
-    spec = slow()
-    _judge(spec, [(2, 0.030)] * (spec.verdict_rounds - 1))
-    assert spec.stats.switched_off is None and not spec.confirm_left
-    _judge(spec, [(2, 0.030)])
-    assert spec.stats.switched_off and "switched off" in spec.stats.switched_off
-    # The same rounds, but plain steps re-measured at 20 ms (the first ones ran fast): stays on.
-    spec = slow()
-    _judge(spec, [(2, 0.030)] * spec.verdict_rounds, plain_after=0.020)
-    assert spec.stats.switched_off is None and spec.t_plain == 0.020
-    # Rounds of 10 tokens in 4 plain steps' time: never.
-    good = _costed(t_plain=0.010, t_draft=0.002, slope=0.05, accepted=95, rejections=5, rounds=1,
-                   kind=speculative.DraftModel)
-    _judge(good, [(10, 0.040)] * 3 * good.verdict_rounds)
-    assert good.stats.switched_off is None
-    # A bad stretch after a good start counts against all the evidence, not a short window.
-    _judge(good, [(1, 0.030)] * 8)
-    assert good.stats.switched_off is None
-    _judge(good, [(1, 0.030)] * 200)
-    assert good.stats.switched_off
+def test_the_verdict_waits_for_enough_drafted_tokens_not_rounds():
+    spec = _policy(cost=0.3)
+    # Rounds whose first draft is rejected: one judged token each. Thirty of them are not
+    # enough evidence, however many rounds that is.
+    _feed(spec, [(4, 0)] * 31)
+    assert spec.stats.switches == []
+    _feed(spec, [(4, 0)])
+    [off] = spec.stats.switches
+    assert off["to"] == "off" and off["token"] == 32
+    assert "acceptance 0% (0%-11%) over 32 drafted tokens" in off["why"]
+    assert spec.stats.switched_off.startswith("speculation switched off: ")
+    # Two long rounds make as much evidence as thirty-two short ones.
+    spec = _policy(cost=0.3)
+    _feed(spec, [(16, 15), (16, 16), (16, 2)])
+    assert spec.judged()[0] == 16 + 16 + 3 and spec.stats.switches == []
 
 
-def test_a_draft_model_drafts_until_unsure_not_a_fixed_length():
-    spec = _costed(t_plain=0.018, t_draft=0.012, slope=0.4, accepted=5, rejections=5,
-                   kind=speculative.DraftModel)
-    spec.n_draft = spec.draft_max
-    spec._choose()  # low acceptance does not shorten it: the draft's own confidence does
-    assert spec.n_draft == spec.draft_max
+def test_an_uncertain_acceptance_keeps_speculation_on():
+    # 25% over 32 tokens does not pay, but its interval reaches past what would, so it stays
+    # on; the same rate over more tokens is clear evidence, and it switches off (and the
+    # probes that follow find the same).
+    spec = _policy(cost=0.3)
+    _feed(spec, [(2, 1), (2, 0), (2, 0)] * 8)
+    assert spec.judged()[:2] == (32, 8) and spec.stats.switches == []
+    lo, hi = speculative.wilson(8, 32, spec.z)
+    assert speculative.gain(hi, [2] * 24, 0.3) >= 1 > speculative.gain(8 / 32, [2] * 24, 0.3)
+    _feed(spec, [(2, 1), (2, 0), (2, 0)] * 8)
+    assert [s["to"] for s in spec.stats.switches] == ["off"]
 
 
-def test_draft_length_follows_acceptance():
+def test_decisions_depend_on_the_acceptance_counts_alone():
+    import random
+
+    def run(clock_seed):
+        # A text the draft follows, then a stretch it misses (tokens 300-700), then follows
+        # again; the round timings differ from run to run.
+        rng, clock = random.Random(7), random.Random(clock_seed)
+        spec = _policy(cost=0.2)
+        while spec.produced < 1200:
+            if not spec.speculating():
+                spec.produced += 1
+                continue
+            d = rng.randint(1, 16)
+            if 300 <= spec.produced < 700:
+                a = 0 if rng.random() < 0.9 else 1
+            else:
+                a = d if rng.random() < 0.8 else rng.randint(0, d - 1)
+            spec.observe(d, a, seconds=clock.uniform(0.01, 0.2))
+        return spec.stats.switches
+
+    first = run(1)
+    assert first == run(2)
+    assert [s["to"] for s in first][0] == "off" and first[-1]["to"] == "on"
+    assert 300 < first[0]["token"] < 400 and 700 < first[-1]["token"] < 900
+
+
+def test_a_probe_turns_speculation_back_on_when_acceptance_recovers():
+    spec = _policy(cost=0.3, kind=speculative.DraftModel)
+    _feed(spec, [(8, 0)] * 32, plain_until=10 ** 6)  # the opening of an answer the draft misses
+    off = spec.stats.switches[-1]
+    assert off["to"] == "off" and f"next probe at token {off['token'] + 64}" in off["why"]
+    # Plain steps until the probe is due; then it drafts again.
+    assert spec.produced == off["token"] + 64
+    assert spec.stats.probes == 1 and spec.stats.switched_off is None and spec.speculating()
+    _feed(spec, [(8, 8), (8, 8)])  # the probe: 16 tokens, all taken
+    on = spec.stats.switches[-1]
+    assert on["to"] == "on" and on["token"] == off["token"] + 64 + 18
+    assert on["why"].startswith("probe: acceptance 100%")
+    assert spec.stats.summary() == f"off at token {off['token']} ({off['why']}); on at token " \
+                                   f"{on['token']} ({on['why']})"
+
+
+def test_failed_probes_come_less_often():
+    spec = _policy(cost=0.3)
+    _feed(spec, [(4, 0)] * 32)
+    gaps = []
+    for _ in range(3):
+        at = spec.stats.switches[-1]["token"]
+        _feed(spec, [(4, 0)] * 16, plain_until=None)
+        gaps.append(spec.stats.switches[-1]["token"] - at - 16)
+    assert gaps == [64, 128, 256]
+    assert spec.stats.probes == 3 and all(s["to"] == "off" for s in spec.stats.switches)
+
+
+def test_no_probes_where_speculation_could_not_pay():
+    # A drafted token costing 0.8 plain steps: even 90% acceptance would hardly pay.
+    spec = _policy(cost=0.8, kind=speculative.DraftModel)
+    _feed(spec, [(4, 3)] * 8, plain_until=10 ** 4)
+    [off] = spec.stats.switches
+    assert "no probes: 90% acceptance would give" in off["why"]
+    assert spec.produced == 10 ** 4 and spec.stats.probes == 0
+
+
+def test_lookup_length_follows_acceptance():
+    spec = _policy(cost=0.1)
     lengths = []
-    for accepted in (5, 50, 95, 99):
-        spec = _costed(t_plain=0.018, t_draft=0.002, slope=0.05, accepted=accepted,
-                       rejections=100 - accepted)
-        spec._choose()
-        lengths.append(spec.n_draft)
-    assert lengths == sorted(lengths) and lengths[0] < lengths[-1]
+    for taken in (True, True, True, True, 1, 0, 3, 0, 0, 0, True):
+        n = spec._length()
+        lengths.append(n)
+        spec.observe(n, n if taken is True else taken)
+    assert lengths == [4, 8, 16, 16, 16, 8, 4, 4, 2, 1, 1] and spec._length() == 2
 
 
-def test_verification_cost_is_interpolated_between_measured_lengths():
-    spec = _costed(t_plain=0.018, t_draft=0.012, slope=0.43, accepted=40, rejections=0)
-    spec.verify_cost = {4: 2.7}
-    assert spec.verify_steps(2) == pytest.approx(1 + (2.7 - 1) * 2 / 4)
-    assert spec.verify_steps(16) == pytest.approx(2.7 + 0.43 * 12)
-    spec.verify_cost[16] = 5.8  # as measured for Gemma 3 F32 on two cores
-    assert spec.verify_steps(10) == pytest.approx(2.7 + (5.8 - 2.7) * 6 / 12)
+def test_seeded_sampling_takes_its_cost_from_the_model_sizes(smol_pair):
+    target, draft = smol_pair
+    spec = speculative.DraftModel(draft_session=draft, stats=speculative.SpecStats("draft"))
+    ratio = draft.model.path.stat().st_size / target.model.path.stat().st_size
+    assert spec.prior(target) == pytest.approx(ratio + 0.1)
+    tokens = target.model.tokenize("Once upon a time")
+    draft.clear()
+    _, stats = _run(target, tokens, n=16, sampling=engine.Sampling(temperature=0.7, seed=5),
+                    speculator=spec)
+    assert stats.speculative["cost_from"] == "model sizes"
+    assert stats.speculative["cost"] == pytest.approx(ratio + 0.1)
+
+
+def test_real_pair_switched_off_then_probed_back_on_keeps_the_targets_output(smol_pair):
+    target, draft = smol_pair
+    tokens = target.model.tokenize(PROMPTS[2])
+    plain, _ = _run(target, tokens, n=64)
+    # As if the opening had switched it off: the probe at token 8 finds a draft that agrees.
+    draft.clear()
+    spec = _policy(cost=0.3, kind=speculative.DraftModel, draft_session=draft)
+    spec._switch_off("for the test")
+    spec.next_probe = 8
+    got, stats = _run(target, tokens, n=64, speculator=spec)
+    assert got == plain
+    sp = stats.speculative
+    assert [s["to"] for s in sp["switches"]] == ["off", "on"] and sp["probes"] == 1
+    assert sp["switches"][1]["why"].startswith("probe: acceptance")
+    assert sp["switched_off"] is None and sp["plain_tokens"] >= 8
+    assert any(n.startswith("speculation off at token 0") and "on at token" in n for n in stats.notes)
+    # A cost no acceptance could repay: off once 32 drafted tokens are judged, for good.
+    draft.clear()
+    spec = _policy(cost=3.0, kind=speculative.DraftModel, draft_session=draft)
+    got, stats = _run(target, tokens, n=64, speculator=spec)
+    assert got == plain
+    sp = stats.speculative
+    [off] = sp["switches"]
+    assert off["to"] == "off" and "no probes" in off["why"] and sp["switched_off"]
+    assert 32 <= sp["drafted"] <= 32 + spec.draft_max
+
+
+def test_the_statistics_line_says_when_it_switched():
+    from infer_cli.cli.run import stats_line
+    from infer_cli.engine.generate import Stats
+
+    st = speculative.SpecStats("draft", drafted=40, accepted=30)
+    st.switches = [{"token": 41, "to": "off", "why": "w"}, {"token": 105, "to": "on", "why": "v"}]
+    line = stats_line(Stats(generated_tokens=200, speculative=st.as_dict()), "length")
+    assert "draft: 30/40 drafted accepted (75%), off at token 41, on at token 105" in line

@@ -154,8 +154,8 @@ def stream(session: Session, req: Request, *, stats: Stats | None = None,
     stats.kv_used = len(session.tokens)
     stats.peak_rss_bytes = peak_rss()
     stats.speculative = speculator.stats.as_dict()
-    if speculator.stats.switched_off:
-        stats.notes.append(speculator.stats.switched_off)
+    if speculator.stats.switches:  # when and why it switched, in the notes as in the statistics
+        stats.notes.append(f"speculation {speculator.stats.summary()}")
     yield Event(tail, None, stats, finish)
 
 

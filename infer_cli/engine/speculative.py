@@ -5,16 +5,25 @@ produced itself.
 Verification samples the target at every drafted position and accepts while its choice equals
 the draft's, so with greedy decoding the output is the target's own, and with sampling every
 token is drawn from the target's distribution. Both KV caches are rolled back past rejected
-tokens. A draft model drafts until it is unsure; lookup's draft length follows measured costs
-and acceptance; and when speculation costs more time per token than plain decoding, it turns
-itself off.
+tokens.
+
+The policy decides from acceptance counts. A draft model drafts until it is unsure or reaches
+``draft_max``; lookup's length grows while drafts are taken whole and falls back after a
+rejection. Whether speculation pays is judged on the latest drafted tokens (not rounds), with
+the acceptance estimate's confidence interval, against one cost figure: what a drafted token
+costs in plain steps, measured once over the first rounds and then frozen (from the model sizes
+when sampling is seeded, so that nothing depends on the clock). Switched off, it probes again
+every so often and switches back on when acceptance has recovered. Given the tokens and that
+cost figure, every decision is deterministic.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import statistics
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from infer_cli.errors import DraftIncompatible
@@ -34,7 +43,11 @@ class SpecStats:
     spec_tokens: int = 0           # tokens produced by speculative rounds
     spec_s: float = 0.0
     plain_s: float = 0.0
-    switched_off: str | None = None
+    switched_off: str | None = None  # why speculation is off at the end; None while it is on
+    switches: list = field(default_factory=list)  # {"token", "to": "off" | "on", "why"}
+    probes: int = 0                # times it tried speculating again after switching off
+    cost: float | None = None      # plain steps one drafted token costs (drafting + verifying)
+    cost_from: str = ""            # "measured" or "model sizes"
     draft_max: int = 16
 
     @property
@@ -48,8 +61,13 @@ class SpecStats:
             return None
         return (self.spec_tokens / self.spec_s) / (self.plain_tokens / self.plain_s)
 
+    def summary(self) -> str:
+        """The switches, for the statistics line: "off at token 40 (...); on at token 104 (...)"."""
+        return "; ".join(f"{s['to']} at token {s['token']} ({s['why']})" for s in self.switches)
+
     def as_dict(self) -> dict:
         d = dict(self.__dict__)
+        d["switches"] = [dict(s) for s in self.switches]
         d["acceptance"] = self.acceptance
         d["speedup"] = self.speedup
         return d
@@ -94,41 +112,73 @@ def _token_texts(model) -> list:
     return [model.L.llama_vocab_get_text(model.vocab, i) for i in range(model.n_vocab)]
 
 
-# --- the shared machinery -------------------------------------------------------------------
+# --- the policy ----------------------------------------------------------------------------
+
+def wilson(successes: int, trials: int, z: float) -> tuple[float, float]:
+    """Wilson score interval of a success rate (sound at small counts and near 0 or 1)."""
+    if trials <= 0:
+        return 0.0, 1.0
+    p = successes / trials
+    denom = 1 + z * z / trials
+    centre = (p + z * z / (2 * trials)) / denom
+    half = z * math.sqrt(p * (1 - p) / trials + z * z / (4 * trials * trials)) / denom
+    return max(0.0, centre - half), min(1.0, centre + half)
+
+
+def expected_tokens(a: float, n: float) -> float:
+    """Tokens a round yields drafting ``n`` when each draft is taken with probability ``a``
+    while the ones before it were: 1 + a + ... + a^n (the last is the target's own)."""
+    if a >= 1.0:
+        return n + 1
+    return (1 - a ** (n + 1)) / (1 - a)
+
+
+def gain(a: float, lengths, cost: float) -> float:
+    """Tokens per plain-step time of rounds drafting ``lengths`` (a number, or the lengths of
+    several rounds) at acceptance ``a``, when a drafted token costs ``cost`` plain steps:
+    above 1, speculation pays."""
+    lengths = [lengths] if isinstance(lengths, (int, float)) else list(lengths)
+    steps = sum(1 + cost * n for n in lengths)
+    return sum(expected_tokens(a, n) for n in lengths) / steps if steps else 0.0
+
 
 @dataclass
 class Speculator:
-    """Proposes tokens, verifies them on the target, adapts, and knows when to step aside.
+    """Proposes tokens, verifies them on the target, and decides whether that pays.
 
-    It keeps running estimates of what things cost here (a plain target step, a drafted token,
-    a verification batch as a function of its length) and of how often drafts are accepted,
-    and each round drafts the length that maximises expected tokens per second (a draft model
-    overrides that with its own confidence, see DraftModel). When its rounds so far clearly took
-    longer per token than a plain step, it switches itself off for the rest of the run."""
+    Evidence is counted in drafted tokens: a round that took ``k`` drafts and then met a
+    rejection is ``k + 1`` trials of the per-token acceptance ``a`` (``k`` without a
+    rejection), and the verdict looks at the latest ``window`` of them. A round drafting ``n``
+    yields 1 + a + ... + a^n tokens for 1 + cost * n plain steps. Speculation switches off once
+    ``evidence`` tokens are judged and even the upper end of the acceptance interval would not
+    pay for the rounds drafted; switched off, it probes again after ``probe_after`` plain tokens
+    (doubling after each failed probe) and is back on when the probe's acceptance pays. Like
+    llama.cpp's own speculative decoding, lengths and thresholds are fixed or follow the counts;
+    the clock gives the one cost figure, once."""
 
     draft_max: int = 16
     draft_min: int = 1
     stats: SpecStats = field(default=None)  # type: ignore[assignment]
-    probe_plain: int = 2       # plain steps measured first, as the baseline
-    verdict_rounds: int = 4    # no pays-or-not verdict before this many rounds after the first
-    verdict_margin: float = 0.5  # "slower" means by more than margin / sqrt(rounds judged)
-    confirm_steps: int = 3     # plain steps that re-measure the baseline before a verdict of "off"
-    confirm_left: int = 0
-    judged_rounds: int = 0     # the rounds after the first, their tokens and seconds (the
-    judged_tokens: int = 0     # verdict's evidence), including the time of drafts that came to
-    judged_s: float = 0.0      # nothing
-    plain_times: list = field(default_factory=list)  # the latest plain steps (seconds)
+    reproducible: bool = False  # seeded sampling: the cost comes from model sizes, not the clock
+    plain_first: int = 3        # plain steps first: the baseline the cost is measured against
+    calibrate_rounds: int = 3   # rounds after the first whose cost, in plain steps, is the
+                                # figure used from then on (their median)
+    evidence: int = 32          # drafted tokens judged before a verdict
+    probe_evidence: int = 16    # the same for a probe
+    window: int = 128           # the verdict's memory, in drafted tokens
+    z: float = 2.0              # the acceptance interval: about 95%
+    probe_after: int = 64       # plain tokens between switching off and the first probe
+    probe_ceiling: float = 0.9  # no probes where even this acceptance would not pay
+    prior_cost: float = 0.1     # the cost figure when nothing may be measured
     n_draft: int = 4
-    t_plain: float = 0.0       # seconds for one plain step (median of the latest)
-    t_draft: float = 0.0       # seconds per drafted token after the first (EMA)
-    t_overhead: float = 0.0    # seconds a round costs before its first draft (EMA)
-    verify_slope: float = 0.0  # extra verification cost per drafted token, in plain steps (EMA)
-    verify_cost: dict = field(default_factory=dict)  # drafts n -> verification in plain steps
-    rejections: int = 0        # rounds that ended on a rejected draft
-    last_overhead: float | None = None  # set by propose(): time before the first draft
-    rejections_last_round: bool = False
-    last_accepted: int = 0
-    reproducible: bool = False  # set for seeded sampling: no decision depends on timings
+    # state
+    produced: int = 0           # tokens produced by steps so far (the switches' clock)
+    probing: bool = False
+    next_probe: int | None = None
+    probe_gap: int = 0
+    recent: deque = field(default_factory=deque)  # per round: (trials, accepted, drafted)
+    plain_times: list = field(default_factory=list)
+    round_costs: list = field(default_factory=list)  # per calibration round: plain steps a draft
 
     def prepare(self, prompt: list[int]) -> None:
         """Called once the target holds the prompt."""
@@ -136,44 +186,60 @@ class Speculator:
     def on_tokens(self, tokens: list[int]) -> None:
         """Called with every token the target produced (history for lookup)."""
 
+    def prior(self, session) -> float:
+        """The cost figure when the clock may not decide (seeded sampling)."""
+        return self.prior_cost
+
     # one step: returns the tokens produced; the last one is not yet in the target's KV --------
 
     def step(self, session, sampler, last: int, budget: int) -> list[int]:
         st = self.stats
-        if st.switched_off or st.plain_tokens < self.probe_plain or budget < 2:
+        if self.reproducible and st.cost is None:
+            st.cost, st.cost_from = self.prior(session), "model sizes"
+        if budget < 2 or not self.speculating():
             return self._plain(session, sampler, last)
-        if self.confirm_left:
-            out = self._plain(session, sampler, last)
-            self.confirm_left -= 1
-            if not self.confirm_left:
-                self._decide()
-            return out
         t0 = time.perf_counter()
-        drafts = self.propose(session, last, min(self.n_draft, budget - 1))
+        drafts = self.propose(session, last, min(self._length(), budget - 1))
         if not drafts:
-            wasted = time.perf_counter() - t0  # a draft model that was unsure from the start
-            st.spec_s += wasted
-            if st.rounds > 1:
-                self.judged_s += wasted
+            st.spec_s += time.perf_counter() - t0  # a draft model unsure from the start
             return self._plain(session, sampler, last)
-        t1 = time.perf_counter()
-        overhead = self.last_overhead if self.last_overhead is not None else (t1 - t0) / len(drafts)
         out = verify(session, sampler, last, drafts)
-        t2 = time.perf_counter()
-        accepted = len(out) - 1
-        st.rounds += 1
-        st.drafted += len(drafts)
-        st.accepted += accepted
+        seconds = time.perf_counter() - t0
         st.spec_tokens += len(out)
-        st.spec_s += t2 - t0
-        self.rejections_last_round = accepted < len(drafts)
-        self.last_accepted = accepted
-        self.rejections += self.rejections_last_round
-        self._learn(len(drafts), overhead, t1 - t0 - overhead, t2 - t1)
-        if st.rounds > 1:  # the first round pays one-time costs: learn from it, do not act on it
-            self._choose()
-        self._verdict(len(out), t2 - t0)
+        st.spec_s += seconds
+        self.observe(len(drafts), len(out) - 1, seconds)
         return out
+
+    def speculating(self) -> bool:
+        """Whether the next step drafts (else it is a plain one); starts a probe when due."""
+        st = self.stats
+        if st.cost is None and st.plain_tokens < self.plain_first:
+            return False
+        if st.switched_off:
+            if self.next_probe is None or self.produced < self.next_probe:
+                return False
+            self._start_probe()
+        return True
+
+    def observe(self, drafted: int, accepted: int, seconds: float | None = None) -> None:
+        """One verified round: ``accepted`` of ``drafted`` taken, in ``seconds`` (which only
+        the cost's calibration reads). Adapts the length and gives the verdict."""
+        st = self.stats
+        rejected = accepted < drafted
+        self.produced += accepted + 1
+        st.rounds += 1
+        st.drafted += drafted
+        st.accepted += accepted
+        self._learn(drafted, accepted)
+        if st.cost is None and st.rounds > 1 and seconds is not None:
+            # The first round pays one-time costs (graph sizes, allocation): not measured.
+            self.round_costs.append((seconds / self._t_plain() - 1) / drafted)
+            if len(self.round_costs) >= self.calibrate_rounds:
+                st.cost, st.cost_from = max(0.0, statistics.median(self.round_costs)), "measured"
+        self.recent.append((accepted + rejected, accepted, drafted))
+        while sum(t for t, _, _ in self.recent) - self.recent[0][0] >= self.window:
+            self.recent.popleft()
+        self._judge()
 
     def _plain(self, session, sampler, last: int) -> list[int]:
         t0 = time.perf_counter()
@@ -183,88 +249,79 @@ class Speculator:
         st = self.stats
         st.plain_s += dt
         st.plain_tokens += 1
-        self.plain_times.append(dt)
-        del self.plain_times[:-8]
-        self.t_plain = statistics.median(self.plain_times)
+        self.produced += 1
+        if st.cost is None:
+            self.plain_times.append(dt)
         return [tok]
 
-    @staticmethod
-    def _ema(old: float, new: float, first: bool) -> float:
-        return new if first else 0.7 * old + 0.3 * new
+    def _t_plain(self) -> float:
+        return statistics.median(self.plain_times) if self.plain_times else 1.0
 
-    def _learn(self, n: int, overhead_s: float, drafting_s: float, verify_s: float) -> None:
-        first = self.stats.rounds == 1
-        self.t_overhead = self._ema(self.t_overhead, overhead_s, first)
-        if n > 1:
-            self.t_draft = self._ema(self.t_draft, drafting_s / (n - 1), first or self.t_draft == 0)
-        if self.t_plain > 0:
-            ratio = verify_s / self.t_plain
-            slope = max(0.0, (ratio - 1.0) / n)
-            self.verify_slope = self._ema(self.verify_slope, slope, first)
-            old = self.verify_cost.get(n)
-            self.verify_cost[n] = ratio if old is None else 0.7 * old + 0.3 * ratio
+    # the draft length: from acceptance alone ------------------------------------------------
 
-    def verify_steps(self, n: int) -> float:
-        """Verification of ``n`` drafts, in plain steps: interpolated between the lengths seen
-        (a batch costs less than linearly more on most hardware), else the average slope."""
-        seen = [(0, 1.0), *sorted(self.verify_cost.items())]  # no drafts: one plain step
-        lower = [(k, v) for k, v in seen if k <= n]
-        upper = [(k, v) for k, v in seen if k >= n]
-        if lower and upper:
-            (k0, v0), (k1, v1) = lower[-1], upper[0]
-            return v0 if k1 == k0 else v0 + (v1 - v0) * (n - k0) / (k1 - k0)
-        k0, v0 = lower[-1]
-        return v0 + self.verify_slope * (n - k0)
+    def _length(self) -> int:
+        return self.n_draft
 
-    def acceptance_rate(self) -> float:
-        """Per-token acceptance under a geometric model: accepted / (accepted + rejections)."""
+    def _learn(self, drafted: int, accepted: int) -> None:
+        """Twice as long after a draft taken whole; after a rejection, half as long, or what
+        was taken plus one if more: where drafts follow the text for long stretches (a copy
+        with an edit here and there) they stay long, and where they keep missing they shrink
+        to one token a round."""
+        if accepted == drafted:
+            self.n_draft = min(self.draft_max, max(self.n_draft, drafted) * 2)
+        else:
+            self.n_draft = max(self.draft_min, min(self.draft_max, max(accepted + 1, drafted // 2)))
+
+    # the verdict ------------------------------------------------------------------------------
+
+    def judged(self) -> tuple[int, int, list[int]]:
+        """Trials, accepted and the rounds' draft lengths in the verdict's window."""
+        trials = sum(t for t, _, _ in self.recent)
+        accepted = sum(a for _, a, _ in self.recent)
+        return trials, accepted, [d for _, _, d in self.recent]
+
+    def _judge(self) -> None:
         st = self.stats
-        return st.accepted / (st.accepted + self.rejections) if st.accepted + self.rejections else 0.0
-
-    def expected_rate(self, n: int) -> float:
-        """Expected tokens per second drafting ``n``: (1 + a + ... + a^n) / (drafting + verify)."""
-        a = self.acceptance_rate()
-        tokens = sum(a ** i for i in range(n + 1))
-        seconds = self.t_overhead + (n - 1) * self.t_draft + self.t_plain * self.verify_steps(n)
-        return tokens / seconds if seconds > 0 else 0.0
-
-    def _choose(self) -> None:
-        if self.reproducible:
-            # Seeded sampling must give the same text every run, and batch shapes change the
-            # arithmetic: the length follows acceptance alone, never the clock.
-            self.n_draft = (min(self.draft_max, self.n_draft + 2) if not self.rejections_last_round
-                            else max(self.draft_min, self.last_accepted + 1))
+        if st.cost is None:
             return
-        self.n_draft = max(range(self.draft_min, self.draft_max + 1), key=self.expected_rate)
+        trials, accepted, lengths = self.judged()
+        if trials < (self.probe_evidence if self.probing else self.evidence):
+            return
+        lo, hi = wilson(accepted, trials, self.z)
+        rate = accepted / trials
+        what = (f"acceptance {rate:.0%} ({lo:.0%}-{hi:.0%}) over {trials} drafted tokens, "
+                f"a drafted token costing {st.cost:.2f} plain steps")
+        if gain(hi, lengths, st.cost) < 1:
+            self._switch_off(f"{what}: at most {gain(hi, lengths, st.cost):.2f}x plain")
+        elif self.probing and (gain(rate, lengths, st.cost) >= 1 or trials >= self.evidence):
+            if gain(rate, lengths, st.cost) >= 1:
+                self.probing = False
+                st.switches.append({"token": self.produced, "to": "on",
+                                    "why": f"probe: {what}: {gain(rate, lengths, st.cost):.2f}x plain"})
+            else:
+                self._switch_off(f"probe: {what}: {gain(rate, lengths, st.cost):.2f}x plain")
 
-    def _verdict(self, tokens: int, seconds: float) -> None:
-        """Decide whether speculation pays, on what was measured: the time per token of every
-        round after the first (which pays one-time costs) against a plain step.
-
-        Switching off is for good, and the first rounds of an answer are its least predictable,
-        so "slower" must be clear: by more than verdict_margin / sqrt(rounds judged), 25% after
-        four rounds, 9% after thirty. Then a few plain steps re-measure the baseline (an early
-        step that ran fast must not decide it) and ``_decide`` settles it."""
+    def _switch_off(self, why: str) -> None:
         st = self.stats
-        if st.rounds == 1 or self.reproducible:
-            return
-        self.judged_rounds += 1
-        self.judged_tokens += tokens
-        self.judged_s += seconds
-        if self.judged_rounds >= self.verdict_rounds and self._slower():
-            self.confirm_left = self.confirm_steps
+        failed_probe = self.probing
+        self.probing = False
+        self.probe_gap = self.probe_gap * 2 if failed_probe else self.probe_after
+        best = max(gain(self.probe_ceiling, n, st.cost) for n in range(1, self.draft_max + 1))
+        if best < 1.1:  # even a good stretch would hardly pay: probing would only cost
+            self.next_probe = None
+            why += f"; no probes: {self.probe_ceiling:.0%} acceptance would give {best:.2f}x plain"
+        else:
+            self.next_probe = self.produced + self.probe_gap
+            why += f"; next probe at token {self.next_probe}"
+        st.switched_off = f"speculation switched off: {why}"
+        st.switches.append({"token": self.produced, "to": "off", "why": why})
 
-    def _slower(self) -> bool:
-        per_token = self.judged_s / self.judged_tokens
-        return per_token > self.t_plain * (1 + self.verdict_margin / math.sqrt(self.judged_rounds))
-
-    def _decide(self) -> None:
-        if self._slower():
-            st = self.stats
-            st.switched_off = (f"speculation switched off: "
-                               f"{self.judged_s / self.judged_tokens * 1e3:.1f} ms a token "
-                               f"against {self.t_plain * 1e3:.1f} ms plain "
-                               f"(acceptance {st.acceptance:.0%})")
+    def _start_probe(self) -> None:
+        self.stats.switched_off = None
+        self.stats.probes += 1
+        self.probing = True
+        self.recent.clear()  # judged on what follows, not on the stretch that switched it off
+        self.n_draft = max(self.draft_min, min(self.draft_max, 4))
 
 
 def verify(session, sampler, last: int, drafts: list[int]) -> list[int]:
@@ -300,20 +357,27 @@ class DraftModel(Speculator):
         self.draft_session.sync(prompt[:-1])  # the last prompt token comes with the first step
         self.n_draft = self.draft_max
 
-    def _choose(self) -> None:
-        # A draft model's own confidence ends each draft where it becomes unsure (the threshold
-        # adapts, see _learn), which follows acceptance token by token: a fixed length from the
-        # average acceptance would cut confident runs short after a single rejection.
-        if self.reproducible:
-            super()._choose()
+    def prior(self, session) -> float:
+        # Decoding a token reads every weight once, so the draft's share of a target step
+        # follows the file sizes; verification adds about a tenth of a step per draft.
+        try:
+            ratio = os.path.getsize(self.draft_session.model.path) / os.path.getsize(session.model.path)
+        except (OSError, AttributeError, TypeError):
+            ratio = 0.5
+        return ratio + 0.1
 
-    def _learn(self, n: int, overhead_s: float, drafting_s: float, verify_s: float) -> None:
-        # No cost model here (see _choose), only the stopping bar. How unsure a draft may be
-        # before it stops depends on the pair: when it stopped early and the target took every
-        # draft anyway, the stop was needless, so lower the bar; after a rejection, raise it
-        # back toward --draft-p-min.
+    def _length(self) -> int:
+        # The draft's own confidence ends each draft where it becomes unsure (the threshold
+        # adapts, see _learn): that follows acceptance token by token, where a length from the
+        # average acceptance would cut confident runs short after one rejection.
+        return self.draft_max
+
+    def _learn(self, drafted: int, accepted: int) -> None:
+        # How unsure a draft may be before it stops depends on the pair: when it stopped early
+        # and the target took every draft anyway, the stop was needless, so lower the bar; after
+        # a rejection, raise it back toward --draft-p-min. Counts only, never the clock.
         p = self.p_min if self.p_now is None else self.p_now
-        if self.rejections_last_round:
+        if accepted < drafted:
             self.p_now = min(self.p_min, p * 2)
         elif self.stopped_early:
             self.p_now = max(self.p_floor, p / 2)
@@ -322,7 +386,7 @@ class DraftModel(Speculator):
         d = self.draft_session
         # Same prefix as the target plus ``last``: rolls back what was rejected, and decodes
         # what the draft has not seen (after a fully accepted round, its own last draft and
-        # the target's next token) in one batch.
+        # the target's next token; after a stretch switched off, all of it) in one batch.
         d.sync([*session.tokens, last])
         drafts: list[int] = []
         threshold = self.p_min if self.p_now is None else self.p_now
@@ -370,7 +434,6 @@ class PromptLookup(Speculator):
         if len(h) < self.ngram + 1:
             return []
         self._reindex()
-        self.last_overhead = 0.0
         key = tuple(h[-self.ngram:])
         start = self.index.get(key)
         if start is None or start >= len(h):
