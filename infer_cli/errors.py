@@ -19,8 +19,20 @@ def human_bytes(n: float) -> str:
     raise AssertionError("unreachable")
 
 
+def one_line(text: str) -> str:
+    """``text`` with line breaks and other control characters escaped (``\\n``, ``\\x00``): a
+    message quotes names and values from files, and those must not break it into lines."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii")
+                   for c in text)
+
+
 class InferError(Exception):
     """Base of every error a user may see. ``str(err)`` is the one-line message."""
+
+    def __str__(self) -> str:
+        return one_line(super().__str__())
 
 
 class BadReference(InferError):
@@ -73,6 +85,25 @@ class NotEnoughDisk(InferError):
             f"not enough disk space in {where}: need {human_bytes(needed)}, {human_bytes(free)} free"
         )
         self.where, self.needed, self.free = where, needed, free
+
+
+class DiskFull(NotEnoughDisk):
+    """The file system ran out of room while a file was being written (another program filled
+    it, or the estimate made beforehand fell short). The partial file has been removed."""
+
+    def __init__(self, where: str, what: str):
+        InferError.__init__(self, f"the disk holding {where} filled up while {what} was being "
+                            "written; the partial file was removed")
+        self.where, self.what, self.needed, self.free = where, what, 0, 0
+
+
+class FileBusy(InferError):
+    """Another process is writing the same file (it holds the file's lock)."""
+
+    def __init__(self, path: str, pid: int | None, what: str = "written"):
+        who = f"another infer process (pid {pid})" if pid else "another infer process"
+        super().__init__(f"{path} is being {what} by {who}")
+        self.path, self.pid, self.what = path, pid, what
 
 
 class BadModelFile(InferError):
@@ -196,6 +227,57 @@ class DraftIncompatible(InferError):
         self.target, self.draft, self.reason = target, draft, reason
 
 
+class RpcUnavailable(InferError):
+    def __init__(self):
+        super().__init__("this llama.cpp build has no RPC backend (libggml-rpc)")
+
+
+class WorkerUnreachable(InferError):
+    """Nothing answers at a worker's endpoint (refused, no route, unknown host, timed out)."""
+
+    def __init__(self, endpoint: str, reason: str):
+        super().__init__(f"RPC worker {endpoint} is unreachable: {reason}")
+        self.endpoint, self.reason = endpoint, reason
+
+
+class WorkerBusy(InferError):
+    """The worker accepted the connection but did not answer the handshake: it is serving
+    another client (a worker serves one at a time)."""
+
+    def __init__(self, endpoint: str, timeout: float):
+        super().__init__(f"RPC worker {endpoint} did not answer the handshake within {timeout:g} s "
+                         "(it is busy with another client)")
+        self.endpoint, self.timeout = endpoint, timeout
+
+
+class WorkerVersionMismatch(InferError):
+    def __init__(self, endpoint: str, version: tuple[int, int, int] | None, reason: str = ""):
+        from infer_cli.engine.rpc import PROTOCOL  # light: no llama_cpp at import
+
+        mine = ".".join(map(str, PROTOCOL))
+        theirs = ".".join(map(str, version)) if version else None
+        super().__init__(reason and f"RPC worker {endpoint}: {reason}" or
+                         f"RPC worker {endpoint} speaks protocol {theirs}; this build speaks {mine}")
+        self.endpoint, self.version, self.reason = endpoint, version, reason
+
+
+class WorkerLost(InferError):
+    """A worker stopped answering while a model was loaded on it."""
+
+    def __init__(self, endpoint: str | None, when: str, detail: str = ""):
+        who = f"RPC worker {endpoint}" if endpoint else "an RPC worker"
+        super().__init__(f"{who} stopped answering {when}" + (f" ({detail})" if detail else ""))
+        self.endpoint, self.when, self.detail = endpoint, when, detail
+
+
+class WorkerTooSmall(InferError):
+    def __init__(self, endpoint: str, device: str, layers: int, needed: int, budget: int, free: int):
+        super().__init__(f"RPC worker {endpoint} ({device}) needs {human_bytes(needed)} for its {layers} "
+                         f"layers but may use {human_bytes(budget)} (of {human_bytes(free)} free)")
+        self.endpoint, self.device, self.layers = endpoint, device, layers
+        self.needed, self.budget, self.free = needed, budget, free
+
+
 def _next_ctx(n: int) -> int:
     """The next power of two above n plus room for an answer."""
     size = 512
@@ -211,11 +293,21 @@ class Rendering:
     exit_code: int
 
 
+class NoSavedResult(InferError):
+    """`infer bench --show` for a model no bench has been saved for on this machine."""
+
+    def __init__(self, name: str):
+        super().__init__(f"no saved bench result for {name}")
+        self.name = name
+
+
 # One row per error type: (exit code, hint built from the error's fields). sysexits-style codes:
-# 2 usage, 3 not found, 65 bad data, 69 unavailable, 74 I/O, 78 configuration.
+# 2 usage, 3 not found, 65 bad data, 69 unavailable, 74 I/O, 75 try again later,
+# 78 configuration.
 TABLE: dict[type[InferError], tuple[int, Callable]] = {
     BadReference: (2, lambda e: "Use a path to a .gguf file, an alias from `infer list --aliases`, "
                    "org/repo, org/repo:Q4_K_M or org/repo/file.gguf."),
+    NoSavedResult: (3, lambda e: f"`infer bench {e.name}` measures one (`--quick`: about a minute)."),
     ModelNotFound: (3, lambda e: "See `infer list` for local models, or `infer pull org/repo:QUANT`."),
     RepoNotFound: (3, lambda e: "Check the spelling; for a gated or private repo set HF_TOKEN "
                    "or run `hf auth login`."),
@@ -227,6 +319,7 @@ TABLE: dict[type[InferError], tuple[int, Callable]] = {
     ChecksumMismatch: (65, lambda e: "The damaged file was removed; run the same command again."),
     NotEnoughDisk: (74, lambda e: "Free some space (`infer rm MODEL`), or point HF_HOME / "
                     "INFER_HOME at a larger disk."),
+    FileBusy: (75, lambda e: "Wait for that process to finish, or write to another file."),
     BadModelFile: (65, lambda e: "Download the file again, or pick another one: `infer pull MODEL`."),
     ConfigError: (78, lambda e: "Fix or remove that file; the README describes models.toml."),
     BrokenInstall: (78, lambda e: e.fix),
@@ -252,6 +345,17 @@ TABLE: dict[type[InferError], tuple[int, Callable]] = {
     QuantizeFailed: (65, lambda e: "INFER_DEBUG=1 shows llama.cpp's log."),
     UnsupportedArchitecture: (65, lambda e: "Convert it with llama.cpp's convert_hf_to_gguf.py, "
                               "then `infer quantize FILE.gguf`."),
+    RpcUnavailable: (69, lambda e: "Rebuild llama-cpp-python with RPC: scripts/setup.sh does "
+                     "(CMAKE_ARGS=\"-DGGML_RPC=ON\")."),
+    WorkerUnreachable: (69, lambda e: f"Start one there (`infer worker --host HOST --port "
+                        f"{e.endpoint.rpartition(':')[2]}`) or check the address and the firewall."),
+    WorkerBusy: (69, lambda e: "A worker serves one client at a time: wait for the other one to "
+                 "finish, or start another worker."),
+    WorkerVersionMismatch: (69, lambda e: "Run the worker from the same infer and llama-cpp-python "
+                            "release as the client (`infer --version` on both)."),
+    WorkerLost: (69, lambda e: "Restart the worker (`infer worker`) and run the command again."),
+    WorkerTooSmall: (69, lambda e: "Give that worker fewer layers (--tensor-split), add a worker, "
+                     "or plan with `infer fit MODEL --rpc ...`."),
     BadCheckpoint: (65, lambda e: "A checkpoint folder needs config.json, its *.safetensors "
                     "(and index when sharded) and tokenizer files."),
 }

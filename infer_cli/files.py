@@ -9,11 +9,19 @@ never a truncated one that looks finished.
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
+
+from infer_cli.errors import DiskFull, FileBusy
+
+
+def is_disk_full(err: BaseException) -> bool:
+    """An OSError that means the file system (or the user's quota) has no room left."""
+    return isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
 
 
 def temp_path(path: str | os.PathLike[str], suffix: str = ".partial") -> Path:
@@ -35,6 +43,10 @@ def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         os.replace(tmp, path)
+    except OSError as e:
+        if is_disk_full(e):  # the one-line error, and (below) no partial file left behind
+            raise DiskFull(str(path.parent), path.name) from None
+        raise
     finally:
         # Gone already after the replace. Should removing it fail, the error that got us here
         # (if any) is the one worth reporting.
@@ -60,3 +72,75 @@ def free_bytes(path: str | os.PathLike[str]) -> int:
     while not probe.exists() and probe != probe.parent:
         probe = probe.parent
     return shutil.disk_usage(probe).free
+
+
+class LineAppender:
+    """Append lines to a file so that it only ever holds whole lines: a write that fails (a
+    full disk) is cut back to the last complete line, and raises DiskFull for a full disk."""
+
+    def __init__(self, path: str | os.PathLike[str]):
+        self.path = Path(path)
+        self.fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o666)
+        self.good = os.lseek(self.fd, 0, os.SEEK_END)
+
+    def write_line(self, text: str) -> None:
+        data = (text + "\n").encode("utf-8")
+        try:
+            view = memoryview(data)
+            while view:
+                n = os.write(self.fd, view)
+                view = view[n:]
+        except OSError as e:
+            try:
+                os.ftruncate(self.fd, self.good)
+            except OSError:
+                pass
+            if is_disk_full(e):
+                raise DiskFull(str(self.path.parent), self.path.name) from None
+            raise
+        self.good += len(data)
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+@contextmanager
+def exclusive(path: str | os.PathLike[str], what: str = "written") -> Iterator[None]:
+    """Hold the lock of ``path`` (a hidden ``.name.lock`` beside it, holding the owner's pid)
+    for the block; FileBusy names the process that holds it. The kernel drops the lock when its
+    owner dies, so a killed process never blocks the next run."""
+    import fcntl
+
+    path = Path(path)
+    lock = path.with_name(f".{path.name}.lock")
+    while True:
+        fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o666)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            try:
+                pid = int(os.pread(fd, 32, 0).decode().strip() or 0) or None
+            except (OSError, ValueError):
+                pid = None
+            os.close(fd)
+            raise FileBusy(str(path), pid, what) from None
+        try:  # the file we locked must still be the one at that name (see the unlink below)
+            same = os.fstat(fd).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            same = False
+        if same:
+            break
+        os.close(fd)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, str(os.getpid()).encode(), 0)
+        yield
+    finally:
+        # Unlinked before it is unlocked: whoever then locks the old inode sees it is gone.
+        try:
+            lock.unlink()
+        except OSError:
+            pass
+        os.close(fd)

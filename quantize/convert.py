@@ -11,13 +11,14 @@ SentencePiece tokenizer.model.
 from __future__ import annotations
 
 import json
+import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 from infer_cli.errors import BadCheckpoint, UnsupportedArchitecture
-from infer_cli.files import atomic_output
+from infer_cli.files import atomic_output, exclusive
 
 from .llama_quant import QuantResult, check_disk
 from .safetensors_io import TensorRef, load_f32, read_header
@@ -55,7 +56,7 @@ def _json(path: Path, required: bool = True) -> dict:
         return {}
     try:
         return json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError) as e:
         raise BadCheckpoint(str(path), f"not valid JSON ({e})") from None
 
 
@@ -195,13 +196,64 @@ def _encode(data, out_type: str, name: str):
 FILE_TYPES = {"F32": 0, "F16": 1, "Q8_0": 7, "BF16": 32}
 
 
+# Upper bounds for config.json's sizes: far above any real model, low enough that a crafted
+# value cannot make the converter allocate or loop without end.
+_CONFIG_INTS = {"hidden_size": 1 << 18, "intermediate_size": 1 << 20, "num_hidden_layers": 1 << 12,
+                "num_attention_heads": 1 << 12}
+_OPTIONAL_INTS = {"num_key_value_heads": 1 << 12, "head_dim": 1 << 16, "vocab_size": 1 << 24,
+                  "max_position_embeddings": (1 << 31) - 1, "sliding_window": (1 << 31) - 1}
+_OPTIONAL_FLOATS = ("rms_norm_eps", "rope_theta", "attn_logit_softcapping", "final_logit_softcapping")
+# What a malformed value deep in a checkpoint's files raises in the code that reads it.
+_DATA_ERRORS = (TypeError, ValueError, KeyError, AttributeError, IndexError, OverflowError,
+                RecursionError, ZeroDivisionError, struct.error)
+
+
+def check_config(path: Path, c) -> None:
+    """BadCheckpoint unless config.json holds what the converter reads, with sane types and sizes."""
+    import math
+
+    if not isinstance(c, dict):
+        raise BadCheckpoint(str(path), "config.json is not a JSON object")
+    archs = c.get("architectures")
+    if archs is not None and (not isinstance(archs, list) or not archs or not all(isinstance(a, str) for a in archs)):
+        raise BadCheckpoint(str(path), "architectures must be a non-empty list of class names")
+    for key, limit in (*_CONFIG_INTS.items(), *_OPTIONAL_INTS.items()):
+        v = c.get(key)
+        if v is None and key in _OPTIONAL_INTS:
+            continue
+        lowest = 0 if key == "vocab_size" else 1
+        if type(v) is not int or not lowest <= v <= limit:
+            raise BadCheckpoint(str(path), f"{key} is {json.dumps(v)[:40] if v is not None else 'missing'}; "
+                                f"it must be an integer from {lowest} to {limit:,}")
+    for key in _OPTIONAL_FLOATS:
+        v = c.get(key)
+        if v is not None and (type(v) not in (int, float) or not math.isfinite(v)):
+            raise BadCheckpoint(str(path), f"{key} must be a number")
+    for key in ("rope_scaling", "rope_parameters"):
+        if c.get(key) is not None and not isinstance(c[key], dict):
+            raise BadCheckpoint(str(path), f"{key} must be an object")
+
+
 def convert_checkpoint(folder: Path, dst: Path, out_type: str = "F16", *, name: str | None = None,
                        progress: Callable[[int, int], None] | None = None) -> QuantResult:
-    """Write ``folder`` as a GGUF of ``out_type`` (F32, F16, BF16, Q8_0) at ``dst``, atomically."""
+    """Write ``folder`` as a GGUF of ``out_type`` (F32, F16, BF16, Q8_0) at ``dst``, atomically.
+
+    A folder whose files are malformed (a value of the wrong type or shape deep in a JSON file,
+    tensors that disagree with config.json) is refused with BadCheckpoint, never a traceback."""
+    try:
+        return _convert(Path(folder), Path(dst), out_type, name, progress)
+    except _DATA_ERRORS as e:
+        reason = str(e)[:200] or type(e).__name__
+        raise BadCheckpoint(str(folder), f"its files do not describe a model the converter can "
+                            f"write ({type(e).__name__}: {reason})") from None
+
+
+def _convert(folder: Path, dst: Path, out_type: str, name: str | None,
+             progress: Callable[[int, int], None] | None) -> QuantResult:
     import gguf
 
-    folder, dst = Path(folder), Path(dst)
     config = _json(folder / "config.json")
+    check_config(folder / "config.json", config)
     fam = family_of(config)
     refs = tensor_refs(folder)
     plan = _plan_tensors(refs, fam, config)
@@ -219,7 +271,7 @@ def convert_checkpoint(folder: Path, dst: Path, out_type: str = "F16", *, name: 
     n_params = sum(_count(r.shape) for _, r in plan)
     check_disk(dst.parent, int(n_params * bpw / 8) + (64 << 20))
     t0 = time.perf_counter()
-    with atomic_output(dst) as tmp:
+    with exclusive(dst), atomic_output(dst) as tmp:
         w = gguf.GGUFWriter(str(tmp), fam.arch)
         _metadata(w, fam, config, name or folder.name, out_type)
         tok.write(w)

@@ -11,28 +11,48 @@ from infer_cli.errors import BadOption
 
 def load_imatrix(path: Path) -> dict:
     """Tensor name -> float32 numpy array of mean squared activations."""
-    with open(path, "rb") as f:
-        magic = f.read(4)
+    from infer_cli.errors import BadModelFile
+
     try:
+        with open(path, "rb") as f:
+            magic = f.read(4)
         return _load_gguf(path) if magic == b"GGUF" else _load_legacy(path)
+    except BadModelFile as e:
+        raise BadOption("--imatrix", str(path), f"an imatrix file from llama-imatrix ({e.reason})") from None
     except (ValueError, IndexError, struct.error, OSError) as e:
         raise BadOption("--imatrix", str(path), f"an imatrix file from llama-imatrix ({e})") from None
 
 
 def _load_gguf(path: Path) -> dict:
+    """Through infer's bounded GGUF reader (every count and offset checked against the file),
+    then each F32 tensor read from its offset."""
     import numpy as np
-    from gguf import GGUFReader
 
-    reader = GGUFReader(str(path))
+    from infer_cli.ggml import TYPE_IDS
+    from infer_cli.models.gguf_info import read_gguf
+
+    info = read_gguf(path)
+    f32 = TYPE_IDS["F32"]
     sums, counts = {}, {}
-    for t in reader.tensors:
-        if t.name.endswith(".in_sum2"):
-            sums[t.name[:-8]] = np.asarray(t.data, dtype=np.float32).reshape(-1)
-        elif t.name.endswith(".counts"):
-            counts[t.name[:-7]] = np.asarray(t.data, dtype=np.float32).reshape(-1)
+    with open(path, "rb") as f:
+        for t in info.tensors:
+            if t.name.endswith(".in_sum2"):
+                table, name = sums, t.name[:-8]
+            elif t.name.endswith(".counts"):
+                table, name = counts, t.name[:-7]
+            else:
+                continue
+            if t.ggml_type != f32:
+                raise ValueError(f"{t.name} is {t.type_name}, not F32")
+            f.seek(t.offset)
+            table[name] = np.fromfile(f, dtype="<f4", count=t.n_elements).astype(np.float32)
     out = {}
     for name, s in sums.items():
+        if name not in counts:
+            raise ValueError(f"{name} has in_sum2 but no counts")
         c = np.rint(counts[name])
+        if not len(c) or len(s) % len(c):
+            raise ValueError(f"{name} has {len(s)} sums for {len(c)} matrices")
         per = s.reshape(len(c), -1)
         safe = np.where(c > 0, c, 1)[:, None]
         out[name] = np.ascontiguousarray(np.where(c[:, None] > 0, per / safe, 1.0).reshape(-1),
@@ -47,9 +67,14 @@ def _load_legacy(path: Path) -> dict:
 
     data = path.read_bytes()
     (n,), pos = struct.unpack_from("<i", data, 0), 4
+    # each entry takes at least 12 bytes: its name length, ncall and nval
+    if n < 0 or n * 12 > len(data) - pos:
+        raise ValueError(f"it claims {n} entries in {len(data)} bytes")
     out = {}
     for _ in range(n):
         (ln,) = struct.unpack_from("<i", data, pos)
+        if ln < 0 or pos + 4 + ln + 8 > len(data):
+            raise ValueError(f"an entry name of {ln} bytes at byte {pos}")
         name = data[pos + 4:pos + 4 + ln].decode()
         pos += 4 + ln
         ncall, nval = struct.unpack_from("<ii", data, pos)

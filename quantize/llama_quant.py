@@ -18,8 +18,9 @@ from typing import Callable, Sequence
 
 from infer_cli import ggml
 from infer_cli.engine import llama_log
-from infer_cli.errors import BadOption, NotEnoughDisk, QuantizeFailed, QuantizeRefused
-from infer_cli.files import atomic_output, free_bytes
+from infer_cli.errors import (BadModelFile, BadOption, DiskFull, NotEnoughDisk, QuantizeFailed,
+                               QuantizeRefused)
+from infer_cli.files import atomic_output, exclusive, free_bytes
 from infer_cli.models.gguf_info import read_gguf
 
 from .types import GGML_TYPES, QuantType
@@ -171,7 +172,8 @@ def quantize(src: Path, dst: Path, qtype: QuantType, opts: QuantOptions = QuantO
     t0 = time.perf_counter()
     # Interrupted or failed: the partial file goes. (A worker still writing keeps an unlinked
     # inode, gone when the process exits.)
-    with atomic_output(dst) as tmp:
+    # The lock: a second quantization to the same output is refused (FileBusy), never raced.
+    with exclusive(dst), atomic_output(dst) as tmp:
 
         def work() -> None:
             try:
@@ -186,10 +188,31 @@ def quantize(src: Path, dst: Path, qtype: QuantType, opts: QuantOptions = QuantO
         if "error" in outcome:
             raise QuantizeFailed(str(src), str(outcome["error"]))
         if outcome.get("rc", 1) != 0 or not tmp.exists():
+            if _out_of_room(dst.parent, llama_log.since(mark)):
+                raise DiskFull(str(dst.parent), dst.name)
             raise _failure(src, qtype, llama_log.since(mark))
+        # What llama.cpp wrote must be whole before it takes the target's name: a write it did
+        # not check (a full disk) leaves a file shorter than its own header says.
+        try:
+            read_gguf(tmp)
+        except BadModelFile as e:
+            if _out_of_room(dst.parent, llama_log.since(mark)):
+                raise DiskFull(str(dst.parent), dst.name) from None
+            raise QuantizeFailed(str(src), f"llama.cpp wrote an incomplete file ({e.reason})") from None
     seconds = time.perf_counter() - t0
     return QuantResult(dst, qtype.name, seconds, dst.stat().st_size, read_gguf(dst).n_params,
                        requant, warnings)
+
+
+def _out_of_room(folder: Path, log: Sequence[str]) -> bool:
+    """Did a native write fail for lack of space? llama.cpp's log says so, or nearly nothing is
+    free (the partial file is still there, holding what did fit)."""
+    if any("no space left" in ln.lower() for ln in log):
+        return True
+    try:
+        return free_bytes(folder) < (1 << 20)
+    except OSError:
+        return False
 
 
 def _watch(worker: threading.Thread, mark: int, progress: TensorProgress | None) -> None:

@@ -9,10 +9,15 @@ text instead; both name the same splitting rules for the families below).
 from __future__ import annotations
 
 import json
+import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from infer_cli.errors import BadCheckpoint
+
+# More token ids than any real vocabulary (Gemma 3 has 262,144): a crafted id cannot make the
+# converter allocate a token list without bound.
+MAX_VOCAB = 1 << 24
 
 # Fragments of the split regexes that tell the families apart.
 _LLAMA3 = r"\p{N}{1,3}"
@@ -86,8 +91,6 @@ def _varint(b: bytes, i: int) -> tuple[int, int]:
 
 def _fields(b: bytes):
     """(field number, wire type, value) of one protobuf message; value is bytes for wire type 2."""
-    import struct
-
     i = 0
     while i < len(b):
         key, i = _varint(b, i)
@@ -125,8 +128,10 @@ def read_sentencepiece(path: Path) -> tuple[list[str], list[float], list[int]]:
             tokens.append(piece)
             scores.append(score)
             types.append(typ)
-    except (IndexError, ValueError, UnicodeDecodeError) as e:
+    except (IndexError, ValueError, TypeError, AttributeError, struct.error) as e:
         raise BadCheckpoint(str(path), f"corrupt SentencePiece model ({e})") from None
+    if any(not 0 <= t <= 6 for t in types):
+        raise BadCheckpoint(str(path), "corrupt SentencePiece model (a piece type outside 0-6)")
     if not tokens:
         raise BadCheckpoint(str(path), "SentencePiece model has no pieces")
     return tokens, scores, types
@@ -185,12 +190,12 @@ def read_sentencepiece_tokenizer(folder: Path, vocab_size: int, *, llama: bool =
     added_file = folder / "added_tokens.json"
     if added_file.is_file():
         for t, i in json.loads(added_file.read_text(encoding="utf-8")).items():
-            if i < n:
+            if 0 <= i < n:
                 tokens[i], scores[i], types[i] = t, -1000.0, 4
     cfg = _config(folder)
     for sid, a in (cfg.get("added_tokens_decoder") or {}).items():
         i, t = int(sid), a["content"]
-        if i >= n:
+        if not 0 <= i < n:
             continue
         if a.get("special") or _looks_special(t):
             types[i] = 3
@@ -237,6 +242,11 @@ def read_tokenizer(folder: Path, vocab_size: int, *, sentencepiece: bool = False
     added = {a["content"]: a for a in data.get("added_tokens", [])}
     for content, a in added.items():
         vocab[content] = a["id"]
+    bad = next(((t, i) for t, i in vocab.items()
+                if not isinstance(t, str) or type(i) is not int or not 0 <= i < MAX_VOCAB), None)
+    if bad is not None or not vocab:
+        raise BadCheckpoint(str(tj), f"token {bad[0]!r} has id {bad[1]!r}; ids are integers "
+                            f"from 0 to {MAX_VOCAB - 1:,}" if bad else "its vocabulary is empty")
     n = max(vocab_size, max(vocab.values()) + 1)
     tokens = [f"[PAD{i}]" for i in range(n)]
     types = [5] * n  # UNUSED until filled

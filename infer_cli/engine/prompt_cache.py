@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
+from infer_cli.errors import NotEnoughDisk
 from infer_cli.files import atomic_output
 from infer_cli.paths import infer_home
 
@@ -76,6 +77,7 @@ class Entry:
 def read_header(path: Path) -> Entry:
     """The header of a cache file; ValueError with a reason if it is not one of ours."""
     with path.open("rb") as f:
+        file_size = os.fstat(f.fileno()).st_size
         if f.read(len(MAGIC)) != MAGIC:
             raise ValueError("not an infer prompt-cache file")
         raw = f.read(4)
@@ -89,10 +91,20 @@ def read_header(path: Path) -> Entry:
             raise ValueError("truncated")
     try:
         header = json.loads(body)
-        if header.get("format") != FORMAT or not isinstance(header.get("tokens"), list):
-            raise ValueError("unknown format")
-    except (UnicodeDecodeError, json.JSONDecodeError) as e:
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
         raise ValueError(f"unreadable header ({e.__class__.__name__})") from None
+    if not isinstance(header, dict) or header.get("format") != FORMAT:
+        raise ValueError("unknown format")
+    tokens, size, sha = header.get("tokens"), header.get("state_size"), header.get("state_sha256")
+    # What restore hands llama.cpp comes from here: token ids must fit its int32 llama_token.
+    if not isinstance(tokens, list) or not all(
+            type(t) is int and 0 <= t < 1 << 31 for t in tokens):
+        raise ValueError("its tokens are not a list of token ids")
+    if type(size) is not int or size < 0 or not isinstance(sha, str):
+        raise ValueError("its state size or checksum is missing")
+    # checked before anything reads the state: a crafted size must not become an allocation
+    if len(MAGIC) + 4 + n + size != file_size:
+        raise ValueError("truncated or corrupt (its size disagrees with its header)")
     return Entry(path, header, len(MAGIC) + 4 + n)
 
 
@@ -188,7 +200,7 @@ class PromptCache:
             with atomic_output(path) as tmp, tmp.open("wb") as f:
                 f.write(MAGIC + struct.pack("<I", len(body)) + body)
                 f.write(data)
-        except OSError:
+        except (OSError, NotEnoughDisk):  # DiskFull: atomic_output has removed the partial file
             return None  # a full disk costs the cache entry, never the answer
         evict(self.root, self.limit)
         return path

@@ -43,6 +43,7 @@ SMALL_ARRAY = 64
 # ...except numeric arrays outside tokenizer.* up to this length: per-layer hyperparameters
 # (head_count_kv, sliding-window patterns) of deep models must stay readable.
 PER_LAYER_ARRAY = 4096
+LLAMA_MAX_LAYERS = 512  # llama.cpp aborts on a block_count of 0 or above this
 MAX_ARRAY_NESTING = 8  # the spec allows arrays of arrays; bound the recursion
 
 _READ_CHUNK = 1 << 20  # read-ahead window; the header of a 262k-token vocab is ~6 MiB
@@ -562,6 +563,7 @@ class _Parser:
         self._check_count(n_kv, _MIN_KV, "key/value pairs")
         self._check_count(n_tensors, _MIN_TENSOR_INFO, "tensors")
         metadata, value_types = self._metadata(n_kv)
+        self._check_model_keys(metadata)
         alignment = self._alignment(metadata)
         r.where = "the tensor table"
         self._check_count(n_tensors, _MIN_TENSOR_INFO, "tensors")  # again, now that we know more
@@ -668,6 +670,17 @@ class _Parser:
         if self.arrays or count <= SMALL_ARRAY:
             return True
         return etype in _SCALARS and count <= PER_LAYER_ARRAY and not key.startswith("tokenizer.")
+
+    def _check_model_keys(self, metadata: dict[str, Any]) -> None:
+        """Hyperparameters llama.cpp asserts on (an abort of the whole process, not an error it
+        reports) are refused here."""
+        arch = metadata.get("general.architecture")
+        if not isinstance(arch, str):
+            return
+        layers = metadata.get(f"{arch}.block_count")
+        if layers is not None and (not _is_int(layers) or not 0 < layers <= LLAMA_MAX_LAYERS):
+            raise self.r.bad(f"{arch}.block_count is {layers!r}; llama.cpp needs 1 to "
+                             f"{LLAMA_MAX_LAYERS}")
 
     def _alignment(self, metadata: dict[str, Any]) -> int:
         if "general.alignment" not in metadata:

@@ -56,7 +56,7 @@ except ImportError:  # pragma: no cover
     import httpx  # type: ignore[no-redef]
 
 from infer_cli import paths
-from infer_cli.files import atomic_write, free_bytes
+from infer_cli.files import atomic_write, free_bytes, is_disk_full
 from infer_cli.errors import (
     BadReference,
     ChecksumMismatch,
@@ -64,6 +64,7 @@ from infer_cli.errors import (
     InferError,
     ModelNotFound,
     NotCachedOffline,
+    DiskFull,
     NotEnoughDisk,
     QuantNotFound,
     RepoNotFound,
@@ -660,14 +661,22 @@ class _Transfer:
 def _download(plan: _Plan, headers: dict[str, str], progress: ProgressFn | None) -> None:
     """Fetch ``plan`` into ``<blob>.incomplete`` (resuming it), verify, then rename it to the blob."""
     partial = plan.partial
-    with open(partial, "r+b" if partial.exists() else "w+b") as fh:
-        transfer = _Transfer(fh, plan, progress)
-        transfer.prime()
-        if not transfer.done:
-            _fetch_with_retries(plan, headers, transfer)
-        fh.flush()
-        transfer.report(force=True)
-        digest = transfer.hasher.hexdigest()
+    try:
+        with open(partial, "r+b" if partial.exists() else "w+b") as fh:
+            transfer = _Transfer(fh, plan, progress)
+            transfer.prime()
+            if not transfer.done:
+                _fetch_with_retries(plan, headers, transfer)
+            fh.flush()
+            transfer.report(force=True)
+            digest = transfer.hasher.hexdigest()
+    except OSError as e:
+        if not is_disk_full(e):
+            raise
+        # Out of room: the partial goes too (it holds the space the user now needs), and the
+        # next run, on a disk with room, downloads it again.
+        partial.unlink(missing_ok=True)
+        raise DiskFull(str(partial.parent), plan.file.filename) from None
     if plan.sha256 and digest != plan.sha256:
         partial.unlink(missing_ok=True)
         raise ChecksumMismatch(plan.file.filename, plan.sha256, digest)
