@@ -71,11 +71,11 @@ def eval_text(path: Path | None) -> str:
 class _Scorer:
     """A model with a context that returns logits for every position of a chunk."""
 
-    def __init__(self, path: Path, n_ctx: int, threads: int | None):
+    def __init__(self, path: Path, n_ctx: int, threads: int | None, kv: tuple[str, str] = ("f16", "f16")):
         from infer_cli.engine import Options, Model, Session
 
         opts = Options(n_ctx=n_ctx, n_batch=n_ctx, n_ubatch=n_ctx, threads=threads,
-                             warmup=False)
+                       cache_type_k=kv[0], cache_type_v=kv[1], warmup=False)
         self.model = Model(path, opts)
         self.session = Session(self.model, opts)
         self.L = self.model.L
@@ -121,15 +121,20 @@ def chunks(path: Path, text: str, n_tokens: int, n_ctx: int) -> list[list[int]]:
 
 
 class Reference:
-    """The reference's log-probabilities over the evaluation chunks, in a temporary file."""
+    """The reference's log-probabilities over the evaluation chunks, in a temporary file.
+
+    ``kv`` is the KV cache's (key, value) type, for the reference and, unless ``compare`` is
+    given another, for what is compared with it (`infer bench` measures quantized KV caches
+    against f16 with this)."""
 
     def __init__(self, path: Path, text: str, *, n_tokens: int = DEFAULT_EVAL_TOKENS,
-                 n_ctx: int = DEFAULT_CTX, threads: int | None = None, workdir: Path | None = None):
+                 n_ctx: int = DEFAULT_CTX, threads: int | None = None, workdir: Path | None = None,
+                 kv: tuple[str, str] = ("f16", "f16")):
         import numpy as np
 
         self.chunks = chunks(path, text, n_tokens, n_ctx)
-        self.n_ctx, self.threads = n_ctx, threads
-        scorer = _Scorer(path, n_ctx, threads)
+        self.n_ctx, self.threads, self.kv = n_ctx, threads, kv
+        scorer = _Scorer(path, n_ctx, threads, kv)
         try:
             total = sum(len(c) for c in self.chunks)
             self._tmp = tempfile.NamedTemporaryFile(dir=workdir, prefix=".infer-ref-", suffix=".f32")
@@ -146,10 +151,10 @@ class Reference:
             scorer.close()
         self.ppl = float(np.exp(np.mean(self.nll)))
 
-    def compare(self, path: Path) -> Quality:
+    def compare(self, path: Path, *, kv: tuple[str, str] | None = None) -> Quality:
         import numpy as np
 
-        scorer = _Scorer(path, self.n_ctx, self.threads)
+        scorer = _Scorer(path, self.n_ctx, self.threads, kv or self.kv)
         kls, agree, nll = [], 0, []
         try:
             pos = 0

@@ -1,0 +1,213 @@
+"""infer bench --quick on the test models: every section in the table, KL growing from Q8_0 to
+Q2_K, the JSON and the table saying the same, the plot, the saved result shown by --show, the
+comparison with it, skipped sections with their reasons, Ctrl-C keeping finished sections.
+
+One quick bench of SmolLM2 F16 (with its Q4_1 as the draft) is shared by the module; the others
+measure one cheap section each."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import run_infer
+
+SECTIONS = ("precision", "kv", "flash-attn", "batching", "speculative")
+# One thread: on a shared two-core machine two llama.cpp threads wait for each other at every
+# barrier whenever another process holds a core, and a run slows down many times over. The
+# tests check what is measured, not how fast.
+FAST = ("--quick", "--threads", "1")
+
+
+def _env(home: Path) -> dict:
+    return {"INFER_HOME": str(home), "HF_HOME": str(home / "hf"), "COLUMNS": "200"}
+
+
+def _has_matplotlib() -> bool:
+    try:
+        import matplotlib  # noqa: F401
+    except ImportError:
+        return False
+    return True
+
+
+@pytest.fixture(scope="module")
+def home(tmp_path_factory) -> Path:
+    return tmp_path_factory.mktemp("bench-home")
+
+
+@pytest.fixture(scope="module")
+def quick(home, smollm2_f16, smollm2_gguf, tmp_path_factory):
+    """(the --json document, the plot file or None, the process) of one quick bench."""
+    args = ["bench", str(smollm2_f16), *FAST, "--ctx", "512", "--draft", str(smollm2_gguf), "--json"]
+    plot = None
+    if _has_matplotlib():
+        plot = tmp_path_factory.mktemp("plot") / "bench.png"
+        args += ["--plot", str(plot)]
+    t0 = time.perf_counter()
+    r = run_infer(*args, env=_env(home), timeout=900)
+    seconds = time.perf_counter() - t0
+    assert r.returncode == 0, r.stderr[-3000:]
+    doc = json.loads(r.stdout)
+    doc["_wall_s"] = seconds
+    return doc, plot, r
+
+
+def _section(doc, name):
+    return next(s for s in doc["sections"] if s["name"] == name)
+
+
+def test_every_section_is_measured(quick):
+    doc, _, r = quick
+    assert [s["name"] for s in doc["sections"]] == list(SECTIONS)
+    assert all(s["status"] == "done" for s in doc["sections"]), [(s["name"], s["reason"]) for s in doc["sections"]]
+    summary_sections = {row["section"] for row in doc["summary"]}
+    assert summary_sections == set(SECTIONS)
+    for s in doc["sections"]:
+        assert s["load"] is not None and "cpu_percent" in s["load"]
+    assert "Estimated time" in r.stderr
+    assert doc["estimate_s"] > 0
+    # every repetition is in the document (one with --quick)
+    f16 = _section(doc, "precision")["rows"][0]["metrics"]
+    assert len(f16["decode_tps"]["reps"]) == 1 and f16["decode_tps"]["median"] > 0
+
+
+def test_kl_grows_from_q8_0_to_q2_k(quick):
+    doc, _, _ = quick
+    rows = {r["label"]: r for r in _section(doc, "precision")["rows"]}
+    kl = [rows[t]["metrics"]["quality"]["kl_mean"] for t in ("Q8_0", "Q4_K_M", "Q2_K")]
+    assert 0 < kl[0] < kl[1] < kl[2], kl
+    sizes = [rows[t]["metrics"]["size"] for t in ("Q8_0", "Q4_K_M", "Q2_K")]
+    assert sizes == sorted(sizes, reverse=True)
+    kv = {r["label"]: r for r in _section(doc, "kv")["rows"]}
+    assert kv["q8_0"]["metrics"]["kv_bytes"] < kv["f16"]["metrics"]["kv_bytes"]
+    assert kv["q8_0"]["metrics"]["quality"]["kl_mean"] < kv["q4_0"]["metrics"]["quality"]["kl_mean"]
+
+
+def test_json_matches_the_table_and_show(quick, home, smollm2_f16):
+    doc, _, _ = quick
+    r = run_infer("bench", str(smollm2_f16), "--show", env=_env(home))
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    for row in doc["summary"]:
+        line = next((ln for ln in lines if ln.startswith(row["technique"] + "  ")), None)
+        assert line is not None, row["technique"]
+        if row["speed_gain"] is not None:
+            assert f"{row['speed_gain']:.2f}x" in line, (row, line)
+        if row["kl_mean"] is not None:
+            assert f"KL {row['kl_mean']:.4f}" in line, (row, line)
+    for title in ("Precision", "KV cache type", "Flash attention", "Batching", "Speculative decoding"):
+        assert any(ln.startswith(title) for ln in lines), title
+    shown = run_infer("bench", str(smollm2_f16), "--show", "--json", env=_env(home))
+    assert shown.returncode == 0
+    saved = json.loads(shown.stdout)
+    assert saved["finished"] == doc["finished"] and saved["summary"] == doc["summary"]
+
+
+def test_plot_files_are_valid(quick, home, smollm2_f16, tmp_path):
+    if not _has_matplotlib():
+        r = run_infer("bench", str(smollm2_f16), "--show", "--plot", str(tmp_path / "p.png"), env=_env(home))
+        assert r.returncode != 0 and "infer-cli[plot]" in r.stderr
+        return
+    _, plot, _ = quick
+    assert plot.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    svg = tmp_path / "bench.svg"
+    r = run_infer("bench", str(smollm2_f16), "--show", "--plot", str(svg), env=_env(home))
+    assert r.returncode == 0, r.stderr
+    text = svg.read_text()
+    assert text.lstrip().startswith("<?xml") and "<svg" in text
+
+
+def test_skipped_sections_carry_their_reason(quick, home):
+    """An already-Q2_K model cannot be quantized further, and a context the machine cannot hold
+    skips the KV section; batching is still measured."""
+    q2k = next((home / "bench" / "quants").rglob("*.Q2_K.gguf"))
+    r = run_infer("bench", str(q2k), *FAST, "--only", "precision,kv,batching", "--ctx",
+                  "50000000", env=_env(home), timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "already Q2_K" in r.stdout and "cannot be quantized further" in r.stdout
+    lines = r.stdout.splitlines()
+    kv_line = next(ln for ln in lines if ln.startswith("KV cache"))
+    assert "skipped" in kv_line
+    assert "context of 50000000 tokens" in r.stdout
+    shown = json.loads(run_infer("bench", str(q2k), "--show", "--json", env=_env(home)).stdout)
+    status = {s["name"]: (s["status"], s["reason"]) for s in shown["sections"]}
+    assert status["precision"][0] == "skipped" and "already Q2_K" in status["precision"][1]
+    assert status["kv"][0] == "skipped" and "needs" in status["kv"][1]
+    assert status["batching"][0] == "done"
+    assert {row["section"]: row["skipped"] for row in shown["summary"]}["kv"]
+
+
+def test_a_second_run_is_compared_with_the_saved_one(quick, home, smollm2_f16):
+    r = run_infer("bench", str(smollm2_f16), *FAST, "--ctx", "512", "--only", "batching", env=_env(home),
+                  timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "Compared with the run of" in r.stdout
+    shown = json.loads(run_infer("bench", str(smollm2_f16), "--show", "--json", env=_env(home)).stdout)
+    assert shown["comparison"]["previous"] == quick[0]["finished"]
+    # the sections this run did not measure stay in the saved result, marked as older
+    assert [s["name"] for s in shown["sections"]] == list(SECTIONS)
+    carried = {s["name"]: s.get("carried_from") for s in shown["sections"]}
+    assert carried.pop("batching") is None
+    assert set(carried.values()) == {quick[0]["finished"]}
+
+
+def test_comparison_lists_what_moved():
+    from infer_cli.bench.results import compare
+
+    def doc(tps, kl):
+        return {"finished": "t", "settings": {"quick": True},
+                "sections": [{"name": "precision", "rows": [
+                    {"label": "Q8_0", "metrics": {"decode_tps": {"median": tps},
+                                                  "quality": {"kl_mean": kl}}}]}]}
+
+    same = compare(doc(100.0, 0.01), doc(105.0, 0.01))
+    assert same["changed"] == [] and same["unchanged"] == 2
+    moved = compare(doc(100.0, 0.01), doc(130.0, 0.01))
+    assert [(c["metric"], round(c["change"], 2)) for c in moved["changed"]] == [("decode_tps", 0.3)]
+
+
+def test_bad_input_is_one_line(smollm2_gguf, home):
+    r = run_infer("bench", str(smollm2_gguf), "--only", "precision,warp", env=_env(home))
+    assert r.returncode == 2 and r.stderr.startswith("Error: --only warp")
+    assert "Traceback" not in r.stderr
+    r = run_infer("bench", str(smollm2_gguf), "--plot", "out.jpg", env=_env(home))
+    assert r.returncode == 2 and "--plot out.jpg" in r.stderr
+    r = run_infer("bench", str(smollm2_gguf), "--show", env=_env(home / "empty"))
+    assert r.returncode != 0 and r.stderr.startswith("Error: no saved bench result")
+    assert "Traceback" not in r.stderr
+
+
+def test_ctrl_c_keeps_finished_sections(smollm2_gguf, tmp_path):
+    env = {**os.environ, **_env(tmp_path)}
+    p = subprocess.Popen([sys.executable, "-m", "infer_cli", "bench", str(smollm2_gguf), *FAST,
+                          "--only", "batching,speculative"], stdout=subprocess.PIPE,
+                         stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        err = []
+        deadline = time.time() + 240
+        while time.time() < deadline:
+            line = p.stderr.readline()
+            if not line:
+                break
+            err.append(line)
+            if line.startswith("batching: done"):
+                p.send_signal(signal.SIGINT)
+                break
+        out, rest = p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            p.kill()
+    assert p.returncode == 130, "".join(err) + rest
+    assert "Batching" in out and "Interrupted" in out
+    saved = json.loads(next((tmp_path / "bench").glob("*.json")).read_text())
+    assert saved["interrupted"] is True
+    status = {s["name"]: s["status"] for s in saved["sections"]}
+    assert status == {"batching": "done", "speculative": "interrupted"}
