@@ -16,7 +16,7 @@ src=$root/src
 build=$src/build
 bin=$build/bin
 targets=(llama-bench llama-completion llama-speculative-simple llama-quantize llama-perplexity
-         llama-batched-bench llama-server)
+         llama-batched-bench llama-server ggml-rpc-server)
 
 # The same ggml configuration as llama-cpp-python's own build. Its CMakeLists.txt, on Linux/x86,
 # only forces BUILD_SHARED_LIBS=ON, LLAMA_BUILD_COMMON=ON and LLAMA_CURL=OFF; scikit-build-core
@@ -35,7 +35,12 @@ cmake_args=(
   -DLLAMA_BUILD_EXAMPLES=ON
   -DLLAMA_BUILD_TOOLS=ON
   -DLLAMA_BUILD_COMMON=ON
+  -DGGML_RPC=ON
 )
+# GGML_RPC=ON as in scripts/setup.sh: the RPC backend in every tool (llama-completion --rpc,
+# llama-bench --rpc) and llama.cpp's own worker, ggml-rpc-server, for the comparisons of
+# scripts/bench_rpc.py. It defines GGML_USE_RPC for everything that links ggml, so turning it on
+# in an existing build tree recompiles the tools.
 # As scripts/setup.sh builds the wheel: no AMX kernels on x86-64 (a hypervisor that advertises
 # AMX without providing its tile state kills the process at the first AMX matrix multiply).
 if [ "$(uname -m)" = x86_64 ]; then
@@ -45,6 +50,10 @@ fi
 # shellcheck disable=SC2206
 extra=(${NATIVE_CMAKE_ARGS:-})
 
+# One build at a time: a second caller waits here, then finds the stamp written.
+mkdir -p "$root"
+exec 9>"$root/.lock"
+flock 9
 stamp=$root/.stamp
 want="$version ${cmake_args[*]} ${extra[*]} ${targets[*]} $(sha256sum "$0" | cut -c1-16)"
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ] && [ -x "$bin/llama-bench" ]; then

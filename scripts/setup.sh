@@ -25,12 +25,21 @@ pin=$(sed -n 's/^ *"\(llama-cpp-python==[^"]*\)".*/\1/p' pyproject.toml)
 # turns them on wherever the CPU advertises AMX, and on virtual machines whose hypervisor does
 # not really provide the tile state, the first AMX matrix multiply (Q4_0/Q4_1/Q8_0 weights)
 # kills the process with a general protection fault.
-flags="-DLLAVA_BUILD=OFF"
+# GGML_RPC=ON adds llama.cpp's RPC backend (libggml-rpc.so): `infer worker` and `--rpc`.
+flags="-DLLAVA_BUILD=OFF -DGGML_RPC=ON"
 if [ "$(uname -m)" = x86_64 ]; then
   flags="$flags -DCMAKE_C_FLAGS=-mno-amx-tile\ -mno-amx-int8\ -mno-amx-bf16"
   flags="$flags -DCMAKE_CXX_FLAGS=-mno-amx-tile\ -mno-amx-int8\ -mno-amx-bf16"
 fi
 mkdir -p .cache/wheels
+# A wheel cached by an older set-up may lack the RPC backend: build it again then.
+for whl in .cache/wheels/llama_cpp_python-*.whl; do
+  [ -f "$whl" ] || continue
+  if ! "$python" -m zipfile -l "$whl" | grep -q 'libggml-rpc\.so'; then
+    echo "The cached $whl has no RPC backend (libggml-rpc.so); rebuilding it." >&2
+    rm -f "$whl"
+  fi
+done
 if ! ls .cache/wheels/llama_cpp_python-*.whl >/dev/null 2>&1; then
   echo "Building llama.cpp through $pin (about 10 minutes the first time)..." >&2
   # Built here, never from pip's cache: a cached wheel may carry other build flags.

@@ -5,6 +5,7 @@ Only parsing, files and rendering here; the work is ``engine.batch`` on ``engine
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import sys
@@ -13,13 +14,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from infer_cli.cli.options import (BatchOpt, CacheTypeKOpt, CacheTypeVOpt, CtxOpt, FlashAttnOpt,
-                                   GpuLayersOpt, JsonOpt, MaxTokensOpt, MinPOpt, MlockOpt, NoMmapOpt,
-                                   ParallelOpt, RepeatLastNOpt, RepeatPenaltyOpt, RevisionOpt, SeedOpt,
-                                   StopOpt, SwaFullOpt, SystemOpt, TempOpt, ThreadsOpt, TopKOpt,
-                                   TopPOpt, UbatchOpt, engine_options, sampling_given)
+from infer_cli.cli.options import (EngineArgs, JsonOpt, ParallelOpt, RevisionOpt, SamplingArgs,
+                                   option_groups)
 from infer_cli.cli.output import output
 from infer_cli.errors import human_bytes
+from infer_cli.files import LineAppender, exclusive
 
 
 def register(app) -> None:
@@ -31,6 +30,7 @@ def _split_args(first: str, second: str | None) -> tuple[str | None, str]:
     return (None, first) if second is None else (first, second)
 
 
+@option_groups
 def batch(
     model: Annotated[str, typer.Argument(
         help="Model reference (see `infer pull --help`); omit it for the default model.",
@@ -47,29 +47,11 @@ def batch(
         "--skip-bad", help="Record a malformed line as an error and go on, instead of stopping.")] = False,
     no_share: Annotated[bool, typer.Option(
         "--no-prefix-sharing", help="Compute every prompt in full, even where prompts start alike.")] = False,
-    system: SystemOpt = None,
+    *,
     raw: Annotated[bool, typer.Option("--raw", help="Plain completion, no chat template.")] = False,
-    max_tokens: MaxTokensOpt = -1,
-    temp: TempOpt = None,
-    top_k: TopKOpt = None,
-    top_p: TopPOpt = None,
-    min_p: MinPOpt = None,
-    repeat_penalty: RepeatPenaltyOpt = None,
-    repeat_last_n: RepeatLastNOpt = None,
-    seed: SeedOpt = -1,
-    stop: StopOpt = None,
+    sampling_args: SamplingArgs,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past the end-of-text token.")] = False,
-    ctx: CtxOpt = None,
-    cache_type_k: CacheTypeKOpt = "f16",
-    cache_type_v: CacheTypeVOpt = "f16",
-    flash_attn: FlashAttnOpt = "auto",
-    swa_full: SwaFullOpt = False,
-    threads: ThreadsOpt = None,
-    batch_size: BatchOpt = 2048,
-    ubatch: UbatchOpt = 512,
-    gpu_layers: GpuLayersOpt = "auto",
-    mlock: MlockOpt = False,
-    no_mmap: NoMmapOpt = False,
+    engine_args: EngineArgs,
     revision: RevisionOpt = None,
     json_mode: JsonOpt = False,
 ) -> None:
@@ -77,17 +59,25 @@ def batch(
 
     --ctx is the KV cache shared by all sequences (as llama-server's -c): each may grow to all of
     it, and when it is full the newest is paused and recomputed later."""
+    model_ref, source = _split_args(model, input_path)
+    opts = engine_args.options(parallel)
+    out = output(json_mode)
+    to_stdout = output_path == "-"
+    # Held to the end: a second `infer batch` on the same output is refused, before it reads
+    # (and trims a torn last line of) a file another run is appending to.
+    folder = Path(output_path).parent if not to_stdout else None
+    lock = exclusive(output_path) if folder is not None and folder.is_dir() else contextlib.nullcontext()
+    with lock:
+        _batch_locked(out, json_mode, model_ref, source, output_path, to_stdout, opts, parallel,
+                      skip_bad, no_share, raw, sampling_args, ignore_eos, revision)
+
+
+def _batch_locked(out, json_mode, model_ref, source, output_path, to_stdout, opts, parallel,
+                  skip_bad, no_share, raw, sampling_args, ignore_eos, revision) -> None:
     from infer_cli.engine import batch as jobs_lib
     from infer_cli.engine import runner as engine_runner
     from infer_cli.models import store
 
-    model_ref, source = _split_args(model, input_path)
-    opts = engine_options(ctx=ctx, batch=batch_size, ubatch=ubatch, cache_type_k=cache_type_k,
-                          cache_type_v=cache_type_v, flash_attn=flash_attn, swa_full=swa_full,
-                          threads=threads, gpu_layers_value=gpu_layers, mlock=mlock,
-                          no_mmap=no_mmap, parallel=parallel)
-    out = output(json_mode)
-    to_stdout = output_path == "-"
     done = set() if to_stdout else _check_output(Path(output_path))
     jobs = jobs_lib.read_jobs(_lines(source), "stdin" if source == "-" else source, skip_bad=skip_bad)
     todo = [j for j in jobs if j.key not in done]
@@ -100,18 +90,21 @@ def batch(
     with out.transfer() as progress:
         resolved = store.resolve(model_ref, revision=revision, progress=progress)
     store.touch(resolved)
-    sampling = engine_runner.sampling_for(resolved.entry, seed, sampling_given(
-        temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-        repeat_last_n=repeat_last_n))
+    sampling = sampling_args.sampling(resolved.entry)
     engine = engine_runner.BatchEngine.load(resolved, opts, share_prefixes=not no_share)
     for note in engine.notes:
         out.info(f"[yellow]note:[/] {note}")
-    defaults = jobs_lib.Defaults(sampling, max_tokens, tuple(stop or ()), system, raw, ignore_eos)
-    sink = sys.stdout if to_stdout else open(output_path, "a", encoding="utf-8")
+    defaults = jobs_lib.Defaults(sampling, sampling_args.max_tokens, sampling_args.stops,
+                                 sampling_args.system, raw, ignore_eos)
+    # A file gets whole lines only: a write the disk has no room for is cut back (DiskFull).
+    sink = sys.stdout if to_stdout else LineAppender(output_path)
     try:
         def write(rec: dict) -> None:
-            sink.write(json.dumps(rec, ensure_ascii=False) + "\n")
-            sink.flush()
+            if to_stdout:
+                sink.write(json.dumps(rec, ensure_ascii=False) + "\n")
+                sink.flush()
+            else:
+                sink.write_line(json.dumps(rec, ensure_ascii=False))
 
         with _progress(out, len(todo)) as tick:
             summary = jobs_lib.run_jobs(engine.scheduler, engine.model, engine.template, todo,

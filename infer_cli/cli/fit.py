@@ -11,9 +11,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from infer_cli.cli.options import (BatchOpt, CacheTypeKOpt, CacheTypeVOpt, CtxOpt, FlashAttnOpt,
-                                   GpuLayersOpt, JsonOpt, ParallelOpt, SwaFullOpt, UbatchOpt,
-                                   engine_options)
+from infer_cli.cli.options import (BatchOpt, CacheTypeKOpt, CacheTypeVOpt, CtxOpt, EngineArgs,
+                                   FlashAttnOpt, GpuLayersOpt, JsonOpt, ParallelOpt, RpcOpt,
+                                   SwaFullOpt, TensorSplitOpt, UbatchOpt)
 from infer_cli.cli.output import output
 from infer_cli.errors import human_bytes
 
@@ -45,6 +45,9 @@ def fit_command(
     vram: Annotated[Optional[str], typer.Option("--vram", help="Plan for a CUDA GPU with this much memory (e.g. 24G).", show_default=False)] = None,
     draft: Annotated[Optional[str], typer.Option("--draft", help="Add a draft model (speculative decoding) to the plan.", show_default=False)] = None,
     check: Annotated[bool, typer.Option("--check", help="Also run llama.cpp's own dry run and show its sizes beside ours.")] = False,
+    rpc: RpcOpt = None,
+    tensor_split: TensorSplitOpt = None,
+    rpc_ram: Annotated[Optional[str], typer.Option("--rpc-ram", help="Plan for RPC workers with this much memory each (e.g. 64G,64G), without contacting any.", show_default=False)] = None,
     json_mode: JsonOpt = False,
 ) -> None:
     """Predict RAM and VRAM per component, choose GPU layers and the largest context that fits."""
@@ -53,9 +56,12 @@ def fit_command(
     from infer_cli.plan import fit, hardware
 
     out = output(json_mode)
-    opts = engine_options(ctx=ctx, batch=batch, ubatch=ubatch, cache_type_k=cache_type_k,
-                          cache_type_v=cache_type_v, flash_attn=flash_attn, swa_full=swa_full,
-                          gpu_layers_value=gpu_layers, no_mmap=no_mmap, parallel=parallel)
+    # a subset of the engine options, in its own order and with its own --no-mmap help: built
+    # into the shared group by hand rather than through @option_groups
+    opts = EngineArgs(ctx=ctx, batch=batch, ubatch=ubatch, cache_type_k=cache_type_k,
+                      cache_type_v=cache_type_v, flash_attn=flash_attn, swa_full=swa_full,
+                      gpu_layers=gpu_layers, no_mmap=no_mmap, rpc=rpc,
+                      tensor_split=tensor_split).options(parallel)
     if not opts.n_ctx and (hardware_only or (model is not None and _is_hub_repo(model))):
         opts = fit.replace(opts, n_ctx=default_context(None))
     what_if = gpu is not None or ram is not None or vram is not None
@@ -74,6 +80,16 @@ def fit_command(
     if not opts.n_ctx:
         opts = fit.replace(opts, n_ctx=default_context(info.context_length,
                                                        resolved.entry.context if resolved.entry else None))
+    from infer_cli.engine.runner import with_rpc
+
+    opts = with_rpc(opts, resolved.entry)
+    if opts.rpc or rpc_ram is not None:  # split over RPC workers: a plan per device
+        from infer_cli.cli import fit_rpc
+        from infer_cli.plan import rpc_fit
+
+        p = rpc_fit.plan(info, fit_rpc.devices(opts.rpc, rpc_ram), hw, opts)
+        fit_rpc.emit(out, resolved.name, fit.facts(info), p, json_mode, hw.name)
+        return
     draft_info = read_header(store.resolve(draft, download=False)) if draft else None
     m = fit.facts(info)
     p = fit.plan(m, hw, opts, draft=draft_info)

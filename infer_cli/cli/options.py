@@ -1,9 +1,13 @@
-"""Option types defined once and shared by every command (``Annotated`` aliases), and the
-helpers that turn what was typed into library values. Light: no llama_cpp, no numpy."""
+"""Option types defined once and shared by every command (``Annotated`` aliases), the groups
+of options several commands take (``SamplingArgs``, ``EngineArgs``, added by ``@option_groups``),
+and the helpers that turn what was typed into library values. Light: no llama_cpp, no numpy."""
 
 from __future__ import annotations
 
-from typing import Annotated, Optional
+import functools
+import inspect
+from dataclasses import dataclass, fields, replace
+from typing import Annotated, Callable, Optional, get_type_hints
 
 import typer
 
@@ -34,6 +38,14 @@ GpuLayersOpt = Annotated[str, typer.Option("--gpu-layers", help="Layers to offlo
 MlockOpt = Annotated[bool, typer.Option("--mlock", help="Lock the weights in RAM.")]
 NoMmapOpt = Annotated[bool, typer.Option(
     "--no-mmap", help="Read the weights into memory instead of mapping the file.")]
+RpcOpt = Annotated[Optional[str], typer.Option(
+    "--rpc", envvar="INFER_RPC", help="Split the model over RPC workers (`infer worker`): "
+    "HOST:PORT[,HOST:PORT...]. Each is probed first (handshake and version). The protocol has no "
+    "authentication and no encryption: trusted networks only.", show_default=False)]
+TensorSplitOpt = Annotated[Optional[str], typer.Option(
+    "--tensor-split", help="Share of the offloaded layers for each worker device with --rpc, "
+    "e.g. 1,1 or 3,1 (default: by each one's free memory; `infer fit --rpc` gives a balanced "
+    "one).", show_default=False)]
 ParallelOpt = Annotated[int, typer.Option(
     "--parallel", "-np", help="Sequences decoded together in one batch (one KV cache shared by all).")]
 
@@ -61,7 +73,28 @@ StopOpt = Annotated[Optional[list[str]], typer.Option(
 SystemOpt = Annotated[Optional[str], typer.Option("--system", help="A system prompt.", show_default=False)]
 
 
-def gpu_layers(value: str) -> int | None:
+def parse_rpc(value: str | None) -> tuple[str, ...]:
+    """--rpc / INFER_RPC: the endpoints, each checked (HOST:PORT, port 1-65535)."""
+    if not value:
+        return ()
+    from infer_cli.engine.rpc import parse_endpoints
+
+    return tuple(str(e) for e in parse_endpoints(value))
+
+
+def parse_tensor_split(value: str | None) -> tuple[float, ...]:
+    """--tensor-split 3,1 -> (3.0, 1.0)."""
+    if not value:
+        return ()
+    from infer_cli.errors import BadOption
+
+    try:
+        return tuple(float(x) for x in value.split(","))
+    except ValueError:
+        raise BadOption("--tensor-split", value, "numbers separated by commas, e.g. 1,1 or 3,1") from None
+
+
+def parse_gpu_layers(value: str) -> int | None:
     """--gpu-layers: None for auto (the plan decides), ALL_LAYERS for a negative number."""
     from infer_cli.options import ALL_LAYERS
 
@@ -74,22 +107,123 @@ def gpu_layers(value: str) -> int | None:
     return ALL_LAYERS if n < 0 else n
 
 
-def engine_options(*, ctx, batch, ubatch, cache_type_k, cache_type_v, flash_attn, swa_full,
-                   threads=None, gpu_layers_value="auto", mlock=False, no_mmap=False, parallel=1):
-    """The load/context ``Options`` from the shared options (n_ctx 0 = the model's default,
-    settled once the model's header has been read)."""
-    from dataclasses import replace
-
-    from infer_cli.options import DEFAULT_CTX, Options
-
-    opts = Options(n_ctx=ctx or 0, n_batch=batch, n_ubatch=ubatch, n_seq=parallel, threads=threads,
-                   cache_type_k=cache_type_k.lower(), cache_type_v=cache_type_v.lower(),
-                   flash_attn=flash_attn.lower(), swa_full=swa_full,
-                   gpu_layers=gpu_layers(gpu_layers_value), mlock=mlock, mmap=not no_mmap)
-    replace(opts, n_ctx=opts.n_ctx or DEFAULT_CTX).check()  # bad options fail before anything loads
-    return opts
+# --- groups of options ----------------------------------------------------------------------
+# Several commands take the same sampling and engine options. Each group is declared once, as a
+# dataclass whose fields are the options; a command names the group as one keyword-only
+# parameter (``*, sampling_args: SamplingArgs``) and ``@option_groups`` puts the group's options
+# in its place in the signature Typer reads, then hands the command one object per group.
 
 
-def sampling_given(**given) -> dict:
-    """The sampling options typed on the command line (None: not given)."""
-    return {k: v for k, v in given.items() if v is not None}
+class OptionGroup:
+    """Base of the option groups: a dataclass of ``Annotated`` option fields, all with defaults."""
+
+
+@dataclass(frozen=True)
+class SamplingArgs(OptionGroup):
+    """What to generate and how to sample it; the sampling ones override models.toml."""
+
+    system: SystemOpt = None
+    max_tokens: MaxTokensOpt = -1
+    temp: TempOpt = None
+    top_k: TopKOpt = None
+    top_p: TopPOpt = None
+    min_p: MinPOpt = None
+    repeat_penalty: RepeatPenaltyOpt = None
+    repeat_last_n: RepeatLastNOpt = None
+    seed: SeedOpt = -1
+    stop: StopOpt = None
+
+    @property
+    def stops(self) -> tuple[str, ...]:
+        return tuple(self.stop or ())
+
+    def given(self) -> dict:
+        """The sampling options typed on the command line (absent: not given), under the names
+        of ``Sampling``'s fields."""
+        given = dict(temperature=self.temp, top_k=self.top_k, top_p=self.top_p, min_p=self.min_p,
+                     repeat_penalty=self.repeat_penalty, repeat_last_n=self.repeat_last_n)
+        return {k: v for k, v in given.items() if v is not None}
+
+    def sampling(self, entry):
+        """The ``Sampling`` for a model: its models.toml defaults (``entry``, may be None),
+        overridden by what was typed."""
+        from infer_cli.engine.runner import sampling_for
+
+        return sampling_for(entry, self.seed, self.given())
+
+
+@dataclass(frozen=True)
+class EngineArgs(OptionGroup):
+    """How the model is loaded and its context built."""
+
+    ctx: CtxOpt = None
+    cache_type_k: CacheTypeKOpt = "f16"
+    cache_type_v: CacheTypeVOpt = "f16"
+    flash_attn: FlashAttnOpt = "auto"
+    swa_full: SwaFullOpt = False
+    threads: ThreadsOpt = None
+    batch: BatchOpt = 2048
+    ubatch: UbatchOpt = 512
+    gpu_layers: GpuLayersOpt = "auto"
+    mlock: MlockOpt = False
+    no_mmap: NoMmapOpt = False
+    rpc: RpcOpt = None
+    tensor_split: TensorSplitOpt = None
+
+    def options(self, parallel: int = 1):
+        """The load/context ``Options`` for ``parallel`` sequences (n_ctx 0 = the model's
+        default, settled once the model's header has been read)."""
+        from infer_cli.options import DEFAULT_CTX, Options
+
+        opts = Options(n_ctx=self.ctx or 0, n_batch=self.batch, n_ubatch=self.ubatch, n_seq=parallel,
+                       threads=self.threads, cache_type_k=self.cache_type_k.lower(),
+                       cache_type_v=self.cache_type_v.lower(), flash_attn=self.flash_attn.lower(),
+                       swa_full=self.swa_full, gpu_layers=parse_gpu_layers(self.gpu_layers),
+                       mlock=self.mlock, mmap=not self.no_mmap, rpc=parse_rpc(self.rpc),
+                       tensor_split=parse_tensor_split(self.tensor_split))
+        replace(opts, n_ctx=opts.n_ctx or DEFAULT_CTX).check()  # bad options fail before anything loads
+        return opts
+
+
+def _group_of(annotation) -> type[OptionGroup] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, OptionGroup) else None
+
+
+def option_groups(command: Callable) -> Callable:
+    """Expand each ``OptionGroup`` parameter of a Typer command into the group's options, at its
+    place; the command is called with one group object per such parameter.
+
+    Typer reads the parameters from ``inspect.signature`` (which honours ``__signature__``) and
+    the types from ``typing.get_type_hints`` (which reads ``__annotations__``), so both are set.
+    Every parameter becomes keyword-only: a group parameter has no default, and Typer passes
+    everything by name anyway."""
+    signature = inspect.signature(command, eval_str=True)
+    params: list[inspect.Parameter] = []
+    groups: dict[str, tuple[type[OptionGroup], list[str]]] = {}
+    for param in signature.parameters.values():
+        group = _group_of(param.annotation)
+        if group is None:
+            params.append(param.replace(kind=inspect.Parameter.KEYWORD_ONLY))
+            continue
+        types = get_type_hints(group, include_extras=True)
+        names = [f.name for f in fields(group)]
+        groups[param.name] = (group, names)
+        params += [inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=f.default,
+                                     annotation=types[f.name]) for f in fields(group)]
+    seen: set[str] = set()
+    for name in (p.name for p in params):
+        if name in seen:  # the command could not tell the two apart
+            raise TypeError(f"{command.__name__}: parameter {name!r} is declared twice")
+        seen.add(name)
+
+    @functools.wraps(command)
+    def expanded(**kwargs):
+        for name, (group, names) in groups.items():
+            kwargs[name] = group(**{n: kwargs.pop(n) for n in names})
+        return command(**kwargs)
+
+    expanded.__signature__ = signature.replace(parameters=params)
+    expanded.__annotations__ = {p.name: p.annotation for p in params}
+    if signature.return_annotation is not inspect.Signature.empty:
+        expanded.__annotations__["return"] = signature.return_annotation
+    return expanded

@@ -11,11 +11,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from infer_cli.cli.options import (BatchOpt, CacheTypeKOpt, CacheTypeVOpt, CtxOpt, FlashAttnOpt,
-                                   GpuLayersOpt, JsonOpt, MaxTokensOpt, MinPOpt, MlockOpt, NoMmapOpt,
-                                   RepeatLastNOpt, RepeatPenaltyOpt, RevisionOpt, SeedOpt, StopOpt,
-                                   SwaFullOpt, SystemOpt, TempOpt, ThreadsOpt, TopKOpt, TopPOpt,
-                                   UbatchOpt, engine_options, sampling_given)
+from infer_cli.cli.options import EngineArgs, JsonOpt, RevisionOpt, SamplingArgs, option_groups
 from infer_cli.cli.output import output
 from infer_cli.errors import InferError, describe, human_bytes
 
@@ -39,6 +35,8 @@ def stats_line(stats, finish: str | None) -> str:
         spec = f"{sp['mode']}: {sp['accepted']}/{sp['drafted']} drafted accepted ({sp['acceptance']:.0%})"
         if sp["speedup"]:
             spec += f", {sp['speedup']:.2f}x plain"
+        for sw in sp.get("switches") or ():  # the reasons are in the notes
+            spec += f", {sw['to']} at token {sw['token']}"
         parts.append(spec)
     kv = f"KV {stats.kv_used}/{stats.kv_size} cells"
     if stats.kv_bytes:
@@ -60,12 +58,17 @@ def one_shot(runner, prompt: str, out, *, json_mode: bool, resolved) -> int:
     """Stream one answer; returns the exit code (130 when interrupted)."""
     last = None
     text = []
-    for event in runner.answer(prompt):
-        text.append(event.text)
-        last = event
-        if not json_mode and event.text:
-            sys.stdout.write(event.text)
-            sys.stdout.flush()
+    try:
+        for event in runner.answer(prompt):
+            text.append(event.text)
+            last = event
+            if not json_mode and event.text:
+                sys.stdout.write(event.text)
+                sys.stdout.flush()
+    except InferError:  # e.g. a worker lost mid-run: the text so far stays, the error follows
+        if not json_mode:
+            end_answer("".join(text))
+        raise
     stats, finish = last.stats, last.finish_reason
     if json_mode:
         out.json({"model": resolved.name, "path": str(resolved.path), "text": "".join(text),
@@ -141,6 +144,9 @@ def interactive(runner, out) -> int:
                 sys.stdout.write(event.text)
                 sys.stdout.flush()
         except InferError as err:  # e.g. a message too long for the context: say so, go on
+            if type(err).__name__ == "WorkerLost":  # the engine is gone: nothing to go on with
+                end_answer("".join(parts))
+                raise
             out.error(str(err), describe(err).hint)
             continue
         end_answer("".join(parts))
@@ -164,6 +170,7 @@ def _split_run_args(first: str | None, second: str | None) -> tuple[str | None, 
     return first, None
 
 
+@option_groups
 def run(
     model: Annotated[Optional[str], typer.Argument(
         help="Model reference (see `infer pull --help`), or the prompt when only one argument "
@@ -171,30 +178,12 @@ def run(
     prompt: Annotated[Optional[str], typer.Argument(
         help="The prompt. Read from stdin when piped; without one, an interactive chat.",
         show_default=False)] = None,
-    system: SystemOpt = None,
+    *,
     raw: Annotated[bool, typer.Option("--raw", help="Plain completion, no chat template.")] = False,
-    max_tokens: MaxTokensOpt = -1,
-    temp: TempOpt = None,
-    top_k: TopKOpt = None,
-    top_p: TopPOpt = None,
-    min_p: MinPOpt = None,
-    repeat_penalty: RepeatPenaltyOpt = None,
-    repeat_last_n: RepeatLastNOpt = None,
-    seed: SeedOpt = -1,
-    stop: StopOpt = None,
+    sampling_args: SamplingArgs,
     ignore_eos: Annotated[bool, typer.Option("--ignore-eos", help="Keep generating past the end-of-text token.")] = False,
-    ctx: CtxOpt = None,
+    engine_args: EngineArgs,
     truncate: Annotated[bool, typer.Option("--truncate", help="Keep the end of a prompt longer than the context instead of refusing it.")] = False,
-    cache_type_k: CacheTypeKOpt = "f16",
-    cache_type_v: CacheTypeVOpt = "f16",
-    flash_attn: FlashAttnOpt = "auto",
-    swa_full: SwaFullOpt = False,
-    threads: ThreadsOpt = None,
-    batch: BatchOpt = 2048,
-    ubatch: UbatchOpt = 512,
-    gpu_layers: GpuLayersOpt = "auto",
-    mlock: MlockOpt = False,
-    no_mmap: NoMmapOpt = False,
     no_prompt_cache: Annotated[bool, typer.Option("--no-prompt-cache", help="Do not reuse or save prompt KV state on disk.")] = False,
     draft: Annotated[Optional[str], typer.Option("--draft", help="Speculative decoding with this draft model (same tokenizer); auto: the draft partner from models.toml.", show_default=False)] = None,
     lookup: Annotated[bool, typer.Option("--lookup", help="Speculative decoding with drafts looked up in the prompt and the text so far (no second model).")] = False,
@@ -214,16 +203,12 @@ def run(
         raise typer.BadParameter("--json needs a prompt", param_hint="PROMPT")
     if draft and lookup:
         raise typer.BadParameter("choose one of --draft and --lookup", param_hint="--draft")
-    opts = engine_options(ctx=ctx, batch=batch, ubatch=ubatch, cache_type_k=cache_type_k,
-                          cache_type_v=cache_type_v, flash_attn=flash_attn, swa_full=swa_full,
-                          threads=threads, gpu_layers_value=gpu_layers, mlock=mlock, no_mmap=no_mmap)
+    opts = engine_args.options()
     out = output(json_mode)
     with out.transfer() as progress:
         resolved = store.resolve(model, revision=revision, progress=progress)
     store.touch(resolved)
-    sampling = engine_runner.sampling_for(resolved.entry, seed, sampling_given(
-        temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-        repeat_last_n=repeat_last_n))
+    sampling = sampling_args.sampling(resolved.entry)
     draft_model = None
     if draft:
         draft_ref = draft
@@ -236,9 +221,10 @@ def run(
             draft_model = store.resolve(draft_ref, progress=progress)
     spec = engine_runner.SpecSettings(draft_model, lookup, max(1, draft_max), draft_p_min) \
         if (draft_model or lookup) else None
-    settings = engine_runner.RunSettings(system, raw, max_tokens, tuple(stop or ()), ignore_eos,
-                                         truncate, not no_prompt_cache, sampling, spec)
-    runner = engine_runner.Runner(resolved, opts, settings)
+    settings = engine_runner.RunSettings(sampling_args.system, raw, sampling_args.max_tokens,
+                                         sampling_args.stops, ignore_eos, truncate,
+                                         not no_prompt_cache, sampling, spec)
+    runner = engine_runner.open_runner(resolved, opts, settings)  # --rpc: in a child process
     if prompt is None:
         raise typer.Exit(interactive(runner, out))
     raise typer.Exit(one_shot(runner, prompt, out, json_mode=json_mode, resolved=resolved))

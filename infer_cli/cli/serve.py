@@ -13,12 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from infer_cli.cli.options import (BatchOpt, CacheTypeKOpt, CacheTypeVOpt, CtxOpt, FlashAttnOpt,
-                                   GpuLayersOpt, MaxTokensOpt, MinPOpt, MlockOpt, ModelArg,
-                                   NoMmapOpt, ParallelOpt, RepeatLastNOpt, RepeatPenaltyOpt,
-                                   RevisionOpt, SeedOpt, StopOpt, SwaFullOpt, SystemOpt, TempOpt,
-                                   ThreadsOpt, TopKOpt, TopPOpt, UbatchOpt, engine_options,
-                                   sampling_given)
+from infer_cli.cli.options import (EngineArgs, ModelArg, ParallelOpt, RevisionOpt, SamplingArgs,
+                                   option_groups)
 
 GRACE_S = 3.0  # on Ctrl-C / SIGTERM: how long running answers may finish before they are cut
 
@@ -27,6 +23,7 @@ def register(app) -> None:
     app.command("serve")(serve)
 
 
+@option_groups
 def serve(
     model: ModelArg = None,
     host: Annotated[str, typer.Option(
@@ -45,27 +42,9 @@ def serve(
         "default.", show_default=False)] = None,
     no_share: Annotated[bool, typer.Option(
         "--no-prefix-sharing", help="Compute every prompt in full, even where prompts start alike.")] = False,
-    system: SystemOpt = None,
-    max_tokens: MaxTokensOpt = -1,
-    temp: TempOpt = None,
-    top_k: TopKOpt = None,
-    top_p: TopPOpt = None,
-    min_p: MinPOpt = None,
-    repeat_penalty: RepeatPenaltyOpt = None,
-    repeat_last_n: RepeatLastNOpt = None,
-    seed: SeedOpt = -1,
-    stop: StopOpt = None,
-    ctx: CtxOpt = None,
-    cache_type_k: CacheTypeKOpt = "f16",
-    cache_type_v: CacheTypeVOpt = "f16",
-    flash_attn: FlashAttnOpt = "auto",
-    swa_full: SwaFullOpt = False,
-    threads: ThreadsOpt = None,
-    batch_size: BatchOpt = 2048,
-    ubatch: UbatchOpt = 512,
-    gpu_layers: GpuLayersOpt = "auto",
-    mlock: MlockOpt = False,
-    no_mmap: NoMmapOpt = False,
+    *,
+    sampling_args: SamplingArgs,
+    engine_args: EngineArgs,
     revision: RevisionOpt = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a chat page at /.
@@ -83,17 +62,12 @@ def serve(
         raise typer.BadParameter("must be 0 or more", param_hint="--queue")
     if not 0 < port < 65536:
         raise typer.BadParameter("must be 1..65535", param_hint="--port")
-    opts = engine_options(ctx=ctx, batch=batch_size, ubatch=ubatch, cache_type_k=cache_type_k,
-                          cache_type_v=cache_type_v, flash_attn=flash_attn, swa_full=swa_full,
-                          threads=threads, gpu_layers_value=gpu_layers, mlock=mlock,
-                          no_mmap=no_mmap, parallel=parallel)
+    opts = engine_args.options(parallel)
     out = output(False)
     with out.transfer() as progress:
         resolved = store.resolve(model, revision=revision, progress=progress)
     store.touch(resolved)
-    sampling = engine_runner.sampling_for(resolved.entry, seed, sampling_given(
-        temperature=temp, top_k=top_k, top_p=top_p, min_p=min_p, repeat_penalty=repeat_penalty,
-        repeat_last_n=repeat_last_n))
+    sampling = sampling_args.sampling(resolved.entry)
 
     import uvicorn
 
@@ -107,7 +81,8 @@ def serve(
     model_id = Path(resolved.name).stem if resolved.source == "local" else resolved.name
     settings = Settings(model_id=model_id, api_key=api_key or None, cors=list(cors or ()),
                         queue_limit=queue, log=log,
-                        defaults=Defaults(sampling, max_tokens, tuple(stop or ()), system))
+                        defaults=Defaults(sampling, sampling_args.max_tokens, sampling_args.stops,
+                                          sampling_args.system))
     app = create_app(settings)
     state = app.state.server
     if host not in ("127.0.0.1", "localhost", "::1") and not api_key:

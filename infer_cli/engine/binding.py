@@ -63,7 +63,7 @@ def build_info(llama_cpp) -> BuildInfo:
 
     llama.cpp's LLAMA_BUILD_NUMBER / LLAMA_COMMIT live in its `common` library, which the binding
     does not ship; the commit comes from libggml (``ggml_commit``), built from the same tree."""
-    from infer_cli.plan.hardware import libggml, llama_backends
+    from infer_cli.plan.hardware import gpu_offload, libggml, llama_backends
 
     lib = libggml(llama_cpp)
     try:
@@ -73,7 +73,7 @@ def build_info(llama_cpp) -> BuildInfo:
     return BuildInfo(binding=getattr(llama_cpp, "__version__", "unknown"), llama=llama,
                      ggml=_ggml_string(lib, "ggml_version"), commit=_ggml_string(lib, "ggml_commit"),
                      backends=llama_backends(llama_cpp),
-                     gpu_offload=bool(llama_cpp.llama_supports_gpu_offload()))
+                     gpu_offload=gpu_offload(llama_cpp))
 
 
 def _ggml_string(lib, name: str) -> str | None:
@@ -105,4 +105,10 @@ def version_lines(infer_version: str) -> list[str]:
     else:
         gpu = "none (this build runs on the CPU only)"
     lines += [f"ggml backends: {backends}", f"GPU backends: {gpu}"]
+    if any(x.upper() == "RPC" for x in b.backends):
+        from infer_cli.engine.rpc import PROTOCOL
+
+        lines.append(f"RPC: available (protocol {'.'.join(map(str, PROTOCOL))}; `infer worker`, --rpc)")
+    else:
+        lines.append("RPC: not in this build (scripts/setup.sh builds it with GGML_RPC=ON)")
     return lines

@@ -48,6 +48,25 @@ class Model:
         params.n_gpu_layers = opts.gpu_layers or 0  # None (auto) is resolved by the caller's plan
         if not opts.mmap or opts.mlock:  # else llama.cpp's own default (mmap where it can)
             params.load_mode = load_mode(opts.mmap, opts.mlock)
+        self.rpc = None
+        if opts.rpc:  # the offloaded layers go to the workers' devices (probed first)
+            from infer_cli.engine import rpc
+
+            # llama.cpp aborts when a worker goes away; no debugger attached to print a trace
+            os.environ.setdefault("GGML_NO_BACKTRACE", "1")
+            self.rpc = rpc.client_devices(opts.rpc)
+            if opts.tensor_split and len(opts.tensor_split) != len(self.rpc.handles):
+                from infer_cli.errors import BadOption
+
+                raise BadOption("--tensor-split", ",".join(f"{x:g}" for x in opts.tensor_split),
+                                f"{len(self.rpc.handles)} shares, one per worker device")
+            params.devices = self.rpc.pointer
+            params.split_mode = L.LLAMA_SPLIT_MODE_LAYER
+            if opts.tensor_split:
+                n = L.llama_max_devices()
+                shares = list(opts.tensor_split)[:n]
+                self._split = (ctypes.c_float * n)(*shares, *([0.0] * (n - len(shares))))
+                params.tensor_split = self._split
         mark = llama_log.mark()
         t0 = time.perf_counter()
         self.ptr = L.llama_model_load_from_file(str(self.path).encode(), params)

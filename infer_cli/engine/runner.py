@@ -53,17 +53,66 @@ def settle(opts: Options, info, entry=None, *, draft_info=None) -> Options:
     (None: as many as the memory plan puts on the GPU; none on a CPU-only build) decided."""
     if not opts.n_ctx:
         opts = replace(opts, n_ctx=default_context(info.context_length, entry.context if entry else None))
-    if opts.gpu_layers is None:
+    opts = with_rpc(opts, entry)
+    if opts.tensor_split and not opts.rpc:
+        from infer_cli.errors import BadOption
+
+        raise BadOption("--tensor-split", ",".join(f"{x:g}" for x in opts.tensor_split),
+                        "--rpc as well (the shares are per worker device)")
+    if opts.rpc:
+        opts = settle_rpc(opts, info)
+    elif opts.gpu_layers is None:
         import llama_cpp
 
+        from infer_cli.plan import hardware
+
         layers = 0
-        if llama_cpp.llama_supports_gpu_offload():
-            from infer_cli.plan import fit, hardware
+        if hardware.gpu_offload(llama_cpp):  # not for an RPC backend alone
+            from infer_cli.plan import fit
 
             layers = fit.plan(info, hardware.detect().hardware(), opts, draft=draft_info).gpu_layers
         opts = replace(opts, gpu_layers=layers)
     opts.check()
     return opts
+
+
+def with_rpc(opts: Options, entry) -> Options:
+    """``opts`` with the workers models.toml names for the model (``rpc = [...]``) when none
+    were given (--rpc, INFER_RPC)."""
+    if not opts.rpc and entry is not None and getattr(entry, "rpc", ()):
+        return replace(opts, rpc=tuple(entry.rpc))
+    return opts
+
+
+def open_runner(resolved, opts: Options, settings: RunSettings):
+    """A ``Runner`` for `infer run`; with RPC workers, one whose engine runs in a child process
+    (``engine.isolated``), so that a worker that dies mid-run cannot abort this one."""
+    opts = with_rpc(opts, resolved.entry)
+    if opts.rpc:
+        from infer_cli.engine.isolated import IsolatedRunner
+
+        return IsolatedRunner(resolved, opts, settings)
+    return Runner(resolved, opts, settings)
+
+
+def settle_rpc(opts: Options, info) -> Options:
+    """With RPC workers: probe each (a typed error names one that is unreachable, busy or of
+    another version), plan the split over their devices against the memory they report, and
+    refuse a worker that cannot hold its layers; ``opts`` then carries the planned GPU layers
+    and the shares, so that llama.cpp places exactly what was planned."""
+    from infer_cli.engine import rpc
+    from infer_cli.errors import DoesNotFit, WorkerTooSmall
+    from infer_cli.plan import hardware, rpc_fit
+
+    devices = rpc_fit.devices_of(rpc.probe_all(opts.rpc))
+    p = rpc_fit.plan(info, devices, hardware.detect(llama=False).hardware(), opts)
+    for d in p.devices:
+        if not d.fits:
+            raise WorkerTooSmall(d.device.endpoint, d.device.name, d.layers, d.memory.total,
+                                 d.budget, d.device.free)
+    if not p.cpu_fits:
+        raise DoesNotFit(opts.n_ctx, opts.n_seq, p.cpu.total, p.cpu_budget, 0)
+    return replace(opts, gpu_layers=p.gpu_layers, tensor_split=tuple(p.split))
 
 
 def sampling_for(entry, seed: int, given: dict) -> Sampling:
@@ -176,7 +225,8 @@ class BatchEngine:
 
         info = info if info is not None else read_header(resolved)
         opts = settle(opts, info, resolved.entry)
-        check_fits_memory(info, opts)
+        if not opts.rpc:  # settle() planned the workers and the local CPU
+            check_fits_memory(info, opts)
         model = Model(resolved.path, opts, info=info)
         context = Context(model, opts)
         if opts.warmup:

@@ -6,6 +6,7 @@ four shapes without touching the network; ``store.resolve`` turns that into loca
 
 from __future__ import annotations
 
+import math
 import re
 import sys
 from dataclasses import dataclass, field
@@ -63,6 +64,7 @@ class ModelEntry:
     hub: HubSource | None = None
     package: PackageSource | None = None
     sampling: dict[str, float] = field(default_factory=dict)  # defaults for `infer run`
+    rpc: tuple[str, ...] = ()  # RPC workers (HOST:PORT) when no --rpc / INFER_RPC is given
 
 
 SAMPLING_KEYS = {"temperature": float, "top_k": int, "top_p": float, "min_p": float,
@@ -191,7 +193,10 @@ def _entry(name: str, raw: dict, path: Path) -> ModelEntry:
         repo = h.get("repo")
         if not isinstance(repo, str) or not _REPO_RE.match(repo):
             raise ConfigError(str(path), f"[models.{name}.hub] needs repo = \"owner/name\"")
-        files = {str(k).upper(): str(v) for k, v in (h.get("files") or {}).items()}
+        files = h.get("files") or {}
+        if not isinstance(files, dict):
+            raise ConfigError(str(path), f"[models.{name}.hub] files must be a table of QUANT = \"file.gguf\"")
+        files = {str(k).upper(): str(v) for k, v in files.items()}
         hub = HubSource(repo, files)
     if "package" in raw:
         p = raw["package"]
@@ -200,7 +205,7 @@ def _entry(name: str, raw: dict, path: Path) -> ModelEntry:
             members = _as_str_tuple(p["members"], path, "members")
             pkg = PackageSource(wheels, members, str(p["file"]), str(p["sha256"]).lower(),
                                 int(p["size"]), str(p.get("quant", raw.get("quant", ""))).upper())
-        except (KeyError, TypeError, ValueError) as e:
+        except (KeyError, TypeError, ValueError, OverflowError) as e:
             raise ConfigError(str(path), f"[models.{name}.package] needs wheels, members, file, "
                               f"sha256 and size ({e})") from e
         if len(wheels) != len(members):
@@ -212,10 +217,31 @@ def _entry(name: str, raw: dict, path: Path) -> ModelEntry:
     context = raw.get("context")
     if context is not None and (not isinstance(context, int) or context <= 0):
         raise ConfigError(str(path), f"[models.{name}] context must be a positive integer")
-    quant = raw.get("quant")
+    quant, draft = raw.get("quant"), raw.get("draft")
+    for key, value in (("quant", quant), ("draft", draft)):
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(str(path), f"[models.{name}] {key} must be a string")
     return ModelEntry(name=name.lower(), note=str(raw.get("note", "")), context=context,
-                      draft=raw.get("draft") or None, quant=quant.upper() if quant else None,
-                      hub=hub, package=pkg, sampling=_sampling(name, raw.get("sampling", {}), path))
+                      draft=draft or None, quant=quant.upper() if quant else None,
+                      hub=hub, package=pkg, sampling=_sampling(name, raw.get("sampling", {}), path),
+                      rpc=_rpc(name, raw.get("rpc"), path))
+
+
+def _rpc(name: str, raw, path: Path) -> tuple[str, ...]:
+    """``rpc = ["host:50052", ...]`` (or one "a:1,b:2" string): the workers for this model."""
+    if raw is None:
+        return ()
+    from infer_cli.engine.rpc import parse_endpoints
+    from infer_cli.errors import BadOption
+
+    if isinstance(raw, str):
+        raw = [raw]
+    if not isinstance(raw, list) or not all(isinstance(v, str) for v in raw):
+        raise ConfigError(str(path), f"[models.{name}] rpc must be a list of \"HOST:PORT\" strings")
+    try:
+        return tuple(str(e) for e in parse_endpoints(raw, f"[models.{name}] rpc"))
+    except BadOption as e:
+        raise ConfigError(str(path), str(e)) from None
 
 
 def _sampling(name: str, raw, path: Path) -> dict:
@@ -227,7 +253,7 @@ def _sampling(name: str, raw, path: Path) -> dict:
         if kind is None:
             raise ConfigError(str(path), f"[models.{name}.sampling] has unknown key '{key}' "
                               f"(known: {', '.join(SAMPLING_KEYS)})")
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
             raise ConfigError(str(path), f"[models.{name}.sampling] {key} must be a number")
         out[key] = kind(value)
     return out

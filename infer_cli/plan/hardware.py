@@ -76,7 +76,7 @@ def detect(*, llama: bool = True) -> MachineInfo:
             llama_cpp = None
         if llama_cpp is not None:
             info.simd = _simd(llama_cpp.llama_print_system_info().decode(errors="replace"))
-            info.gpu_offload = bool(llama_cpp.llama_supports_gpu_offload())
+            info.gpu_offload = gpu_offload(llama_cpp)
             info.llama_devices = _llama_devices(llama_cpp)
     if info.gpus and not info.gpu_offload and any(g.backend == "cuda" for g in info.gpus):
         info.fix = REINSTALL_CUDA
@@ -182,46 +182,48 @@ def libggml(llama_cpp) -> ctypes.CDLL | None:
     return None
 
 
-def llama_backends(llama_cpp) -> list[str]:
-    """The ggml backends this llama.cpp build registered ('CPU', 'CUDA', 'Metal', ...), whether
-    or not a device for them is present; empty when libggml cannot be asked."""
+def _ggml_objects(llama_cpp, kind: str, *texts: str) -> list[tuple[str, ...]]:
+    """For each ggml object of one kind that libggml lists ('reg': registered backends, 'dev':
+    devices), the strings ``ggml_backend_<kind>_<text>`` returns for it ('' for NULL); empty
+    when libggml cannot be asked (absent, or a build without these calls)."""
     lib = libggml(llama_cpp)
     if lib is None:
         return []
     try:
-        lib.ggml_backend_reg_count.restype = ctypes.c_size_t
-        lib.ggml_backend_reg_get.restype = ctypes.c_void_p
-        lib.ggml_backend_reg_get.argtypes = [ctypes.c_size_t]
-        lib.ggml_backend_reg_name.restype = ctypes.c_char_p
-        lib.ggml_backend_reg_name.argtypes = [ctypes.c_void_p]
-        return [(lib.ggml_backend_reg_name(lib.ggml_backend_reg_get(i)) or b"?").decode(errors="replace")
-                for i in range(lib.ggml_backend_reg_count())]
+        count = getattr(lib, f"ggml_backend_{kind}_count")
+        count.restype = ctypes.c_size_t
+        get = getattr(lib, f"ggml_backend_{kind}_get")
+        get.restype, get.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+        getters = [getattr(lib, f"ggml_backend_{kind}_{text}") for text in texts]
+        for getter in getters:
+            getter.restype, getter.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+        handles = [get(i) for i in range(count())]
     except AttributeError:
         return []
+    return [tuple((getter(h) or b"").decode(errors="replace") for getter in getters) for h in handles]
+
+
+def llama_backends(llama_cpp) -> list[str]:
+    """The ggml backends this llama.cpp build registered ('CPU', 'CUDA', 'Metal', ...), whether
+    or not a device for them is present; empty when libggml cannot be asked."""
+    return [name or "?" for (name,) in _ggml_objects(llama_cpp, "reg", "name")]
 
 
 def _llama_devices(llama_cpp) -> list[str]:
     """llama.cpp's own device list ('CPU', 'CUDA0 (NVIDIA H100)', ...) through libggml."""
-    lib = libggml(llama_cpp)
-    if lib is None:
-        return []
-    try:
-        lib.ggml_backend_dev_count.restype = ctypes.c_size_t
-        lib.ggml_backend_dev_get.restype = ctypes.c_void_p
-        lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
-        lib.ggml_backend_dev_name.restype = ctypes.c_char_p
-        lib.ggml_backend_dev_name.argtypes = [ctypes.c_void_p]
-        lib.ggml_backend_dev_description.restype = ctypes.c_char_p
-        lib.ggml_backend_dev_description.argtypes = [ctypes.c_void_p]
-        out = []
-        for i in range(lib.ggml_backend_dev_count()):
-            dev = lib.ggml_backend_dev_get(i)
-            name = (lib.ggml_backend_dev_name(dev) or b"").decode(errors="replace")
-            desc = (lib.ggml_backend_dev_description(dev) or b"").decode(errors="replace")
-            out.append(f"{name} ({desc})" if desc and desc != name else name)
-        return out
-    except AttributeError:
-        return []
+    return [f"{name} ({desc})" if desc and desc != name else name
+            for name, desc in _ggml_objects(llama_cpp, "dev", "name", "description")]
+
+
+def gpu_offload(llama_cpp) -> bool:
+    """Whether this build can offload to a local GPU. llama.cpp says yes for any build with the
+    RPC backend (its layers can go to workers); that alone is no GPU here."""
+    from infer_cli.engine.binding import HOST_BACKENDS
+
+    if not llama_cpp.llama_supports_gpu_offload():
+        return False
+    backends = llama_backends(llama_cpp)
+    return not backends or any(b.upper() not in HOST_BACKENDS for b in backends)
 
 
 def _run(cmd: list[str]) -> str | None:
