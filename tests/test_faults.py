@@ -4,24 +4,16 @@ not, and the next command ends verified."""
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.scripts import load_script
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
-def _faults():
-    spec = importlib.util.spec_from_file_location("infer_faults", ROOT / "scripts" / "faults.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("infer_faults", mod)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-faults = _faults()
+faults = load_script("faults")
 
 
 @pytest.mark.parametrize("operation,trials", [("pull", 2), ("batch", 1), ("prompt-cache", 1),

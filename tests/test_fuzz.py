@@ -3,25 +3,17 @@ each from the script), and every case a campaign once found, kept under tests/fu
 
 from __future__ import annotations
 
-import importlib.util
-import sys
 from pathlib import Path
 
 import pytest
+
+from tests.scripts import load_script
 
 ROOT = Path(__file__).resolve().parent.parent
 CASES = ROOT / "tests" / "fuzz_cases"
 
 
-def _fuzz():
-    spec = importlib.util.spec_from_file_location("infer_fuzz", ROOT / "scripts" / "fuzz.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules.setdefault("infer_fuzz", mod)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-fuzz = _fuzz()
+fuzz = load_script("fuzz")
 TARGETS = sorted(fuzz.TARGETS)
 
 
