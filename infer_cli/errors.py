@@ -317,6 +317,8 @@ TABLE: dict[type[InferError], tuple[int, Callable]] = {
     DownloadFailed: (69, lambda e: "Run the same command again: finished bytes are kept and the "
                      "download resumes."),
     ChecksumMismatch: (65, lambda e: "The damaged file was removed; run the same command again."),
+    DiskFull: (74, lambda e: "Free some space there (`infer rm MODEL`), or point HF_HOME / "
+               "INFER_HOME / the output at a larger disk; what was written before is intact."),
     NotEnoughDisk: (74, lambda e: "Free some space (`infer rm MODEL`), or point HF_HOME / "
                     "INFER_HOME at a larger disk."),
     FileBusy: (75, lambda e: "Wait for that process to finish, or write to another file."),

@@ -188,7 +188,7 @@ def quantize(src: Path, dst: Path, qtype: QuantType, opts: QuantOptions = QuantO
         if "error" in outcome:
             raise QuantizeFailed(str(src), str(outcome["error"]))
         if outcome.get("rc", 1) != 0 or not tmp.exists():
-            if _out_of_room(dst.parent, llama_log.since(mark)):
+            if _out_of_room(dst.parent, llama_log.since(mark), src.stat().st_size):
                 raise DiskFull(str(dst.parent), dst.name)
             raise _failure(src, qtype, llama_log.since(mark))
         # What llama.cpp wrote must be whole before it takes the target's name: a write it did
@@ -196,7 +196,7 @@ def quantize(src: Path, dst: Path, qtype: QuantType, opts: QuantOptions = QuantO
         try:
             read_gguf(tmp)
         except BadModelFile as e:
-            if _out_of_room(dst.parent, llama_log.since(mark)):
+            if _out_of_room(dst.parent, llama_log.since(mark), src.stat().st_size):
                 raise DiskFull(str(dst.parent), dst.name) from None
             raise QuantizeFailed(str(src), f"llama.cpp wrote an incomplete file ({e.reason})") from None
     seconds = time.perf_counter() - t0
@@ -204,15 +204,20 @@ def quantize(src: Path, dst: Path, qtype: QuantType, opts: QuantOptions = QuantO
                        requant, warnings)
 
 
-def _out_of_room(folder: Path, log: Sequence[str]) -> bool:
-    """Did a native write fail for lack of space? llama.cpp's log says so, or nearly nothing is
-    free (the partial file is still there, holding what did fit)."""
-    if any("no space left" in ln.lower() for ln in log):
+def _out_of_room(folder: Path, log: Sequence[str], need: int) -> bool:
+    """Did a native write fail for lack of space? llama.cpp's log says so; or it reports a
+    failed stream write (its C++ streams say only "iostream error") while less is free than the
+    output could need; or nearly nothing is free (the partial file still holds what did fit)."""
+    text = " ".join(log).lower()
+    if "no space left" in text:
         return True
     try:
-        return free_bytes(folder) < (1 << 20)
+        free = free_bytes(folder)
     except OSError:
         return False
+    if "iostream error" in text or "failed to write" in text:
+        return free < need
+    return free < (1 << 20)
 
 
 def _watch(worker: threading.Thread, mark: int, progress: TensorProgress | None) -> None:

@@ -182,7 +182,7 @@ def _drive(page, base: str, sent: list) -> None:
     answer = page.locator(".msg.assistant").nth(0)
     expect(answer.locator(".text")).not_to_have_text("", timeout=60_000)
     expect(answer.locator(".stats")).to_have_text(
-        re.compile(r"^\d+ prompt tokens · [1-9]\d* generated · .*tokens/s.* · \d+\.\d\d s"),
+        re.compile(r"^\d+ prompt tokens (\(\d+ cached\) )?· [1-9]\d* generated · .*tokens/s.* · \d+\.\d\d s"),
         timeout=60_000)
     expect(answer.locator(".error")).to_have_count(0)
     expect(send).to_be_enabled()
@@ -244,7 +244,7 @@ def _drive(page, base: str, sent: list) -> None:
     page.locator("#input").fill("Say hello.")
     send.click()
     expect(page.locator(".msg.assistant .stats")).to_have_text(
-        re.compile(r"prompt tokens · [1-9]\d* generated"), timeout=60_000)
+        re.compile(r"prompt tokens (\(\d+ cached\) )?· [1-9]\d* generated"), timeout=60_000)
     assert sent[-1]["messages"] == [{"role": "system", "content": SYSTEM},
                                     {"role": "user", "content": "Say hello."}]
     assert page.locator(".msg.assistant .text").text_content() == first  # temperature 0

@@ -18,7 +18,6 @@ from infer_cli.cli.options import (EngineArgs, JsonOpt, ParallelOpt, RevisionOpt
                                    option_groups)
 from infer_cli.cli.output import output
 from infer_cli.errors import human_bytes
-from infer_cli.files import LineAppender, exclusive
 
 
 def register(app) -> None:
@@ -66,6 +65,8 @@ def batch(
     # Held to the end: a second `infer batch` on the same output is refused, before it reads
     # (and trims a torn last line of) a file another run is appending to.
     folder = Path(output_path).parent if not to_stdout else None
+    from infer_cli.files import exclusive
+
     lock = exclusive(output_path) if folder is not None and folder.is_dir() else contextlib.nullcontext()
     with lock:
         _batch_locked(out, json_mode, model_ref, source, output_path, to_stdout, opts, parallel,
@@ -97,6 +98,8 @@ def _batch_locked(out, json_mode, model_ref, source, output_path, to_stdout, opt
     defaults = jobs_lib.Defaults(sampling, sampling_args.max_tokens, sampling_args.stops,
                                  sampling_args.system, raw, ignore_eos)
     # A file gets whole lines only: a write the disk has no room for is cut back (DiskFull).
+    from infer_cli.files import LineAppender
+
     sink = sys.stdout if to_stdout else LineAppender(output_path)
     try:
         def write(rec: dict) -> None:

@@ -8,12 +8,8 @@ thread, and the main thread waits for Ctrl-C / SIGTERM and ends the process.
 
 from __future__ import annotations
 
-import errno
 import os
-import signal
-import socket
 import sys
-import threading
 from typing import Annotated, Optional
 
 import typer
@@ -42,6 +38,9 @@ def worker(
         "client loading the same model again sends only their hashes.", show_default=False)] = None,
 ) -> None:
     """Serve some of a model's layers to a client over llama.cpp's RPC protocol."""
+    import signal
+    import threading
+
     from infer_cli.engine import rpc
     from infer_cli.engine.binding import build_info, require
     from infer_cli.engine.model import default_threads
@@ -105,6 +104,9 @@ def worker(
 
 def _check_port(endpoint) -> None:
     """A one-line error, before llama.cpp tries, when the address cannot be listened on."""
+    import errno
+    import socket
+
     try:
         infos = socket.getaddrinfo(endpoint.host, endpoint.port, socket.AF_INET, socket.SOCK_STREAM)
     except socket.gaierror as e:
