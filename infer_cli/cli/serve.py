@@ -96,7 +96,8 @@ def serve(
 
     def load() -> None:
         try:
-            engine = engine_runner.BatchEngine.load(resolved, opts, share_prefixes=not no_share)
+            engine = engine_runner.BatchEngine.load(resolved, opts, share_prefixes=not no_share,
+                                                     keep_idle=True)
         except Exception as e:  # noqa: BLE001 - reported below, after the server has stopped
             failure.append(e)
             state.failed(str(e))

@@ -219,7 +219,8 @@ class BatchEngine:
         self.template, self.notes = template, notes
 
     @classmethod
-    def load(cls, resolved, opts: Options, *, share_prefixes: bool = True, info=None) -> "BatchEngine":
+    def load(cls, resolved, opts: Options, *, share_prefixes: bool = True, keep_idle: bool = False,
+             info=None) -> "BatchEngine":
         from infer_cli.engine.context import Context
         from infer_cli.engine.scheduler import Scheduler
 
@@ -232,7 +233,8 @@ class BatchEngine:
         if opts.warmup:
             context.warm_up()
         notes = [] if info.chat_template else ["this model has no chat template: plain completion"]
-        return cls(model, context, Scheduler(model, context, share_prefixes=share_prefixes),
+        return cls(model, context, Scheduler(model, context, share_prefixes=share_prefixes,
+                                                keep_idle=keep_idle),
                    info.chat_template, notes)
 
     def close(self) -> None:

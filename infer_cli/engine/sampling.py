@@ -93,12 +93,12 @@ class Sampler:
         logits = L.llama_get_logits_ith(ctx, idx)
         arr = cand.fill(logits)
         L.llama_sampler_apply(self.ptr, arr)
-        token = cand.selected(arr)
+        token = cand.selected()
         if not cand.allowed(self.grammar, token):
             arr = cand.fill(logits)
             L.llama_sampler_apply(self.grammar, arr)
             L.llama_sampler_apply(self.ptr, arr)
-            token = cand.selected(arr)
+            token = cand.selected()
         L.llama_sampler_accept(self.grammar, token)
         L.llama_sampler_accept(self.ptr, token)
         return token
@@ -143,7 +143,7 @@ class _Candidates:
         self.arr = self.L.llama_token_data_array(self.data, self.n, -1, False)
         return self._ref(self.arr)
 
-    def selected(self, _arr) -> int:
+    def selected(self) -> int:
         a = self.arr
         if a.selected < 0:
             raise ValueError("the sampler chain selected no token")

@@ -193,19 +193,13 @@ class Scheduler:
         """
         if not self.idle:
             return self.free_slots.pop()
-        if not seq.req.reuse_prefix:
-            empty = [s for s in self.free_slots if s not in self.idle]
-            slot = empty[-1] if empty else next(s for s in self.idle if s in self.free_slots)
-            self.free_slots.remove(slot)
-            if self.idle.pop(slot, None) is not None:
-                self.L.llama_memory_seq_rm(self.ctx.mem, slot, -1, -1)
-            return slot
-        limit = len(seq.tokens) - 1  # the last token is computed for its logits
         best, best_n = -1, 0
-        for slot, cached in self.idle.items():
-            n = common_prefix(seq.tokens[:limit], cached)
-            if n > best_n:
-                best, best_n = slot, n
+        if seq.req.reuse_prefix:
+            limit = len(seq.tokens) - 1  # the last token is computed for its logits
+            for slot, cached in self.idle.items():
+                n = common_prefix(seq.tokens[:limit], cached)
+                if n > best_n:
+                    best, best_n = slot, n
         others = [s for s in self.free_slots if s not in self.idle] \
             or [s for s in reversed(self.idle) if s != best]  # least recently used last
         if best >= 0 and (not others or 2 * best_n >= len(self.idle[best])):

@@ -78,10 +78,6 @@ class ServeEngine:
     def __init__(self, batch_engine, *, queue_limit: int, metrics=None):
         self.batch = batch_engine
         self.sched = batch_engine.scheduler
-        # A finished request's cells stay in its slot until needed, so the next request with
-        # the same system prompt or chat history computes only what is new (--no-prefix-sharing
-        # turns this off with the rest of prefix reuse).
-        self.sched.keep_idle = self.sched.share_prefixes
         self.parallel = batch_engine.context.n_seq
         self.capacity = self.parallel + max(0, queue_limit)
         self.metrics = metrics
