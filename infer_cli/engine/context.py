@@ -76,7 +76,11 @@ class Context:
             self.ptr = None
 
     def __del__(self):
-        self.close()
+        # A Ctrl-C landing while the interpreter finalizes objects must not print a traceback.
+        try:
+            self.close()
+        except KeyboardInterrupt:
+            pass
 
 
 class Session:
@@ -297,4 +301,8 @@ class Session:
         self.ptr = None
 
     def __del__(self):
-        self.close()
+        # A Ctrl-C landing while the interpreter finalizes objects must not print a traceback.
+        try:
+            self.close()
+        except KeyboardInterrupt:
+            pass

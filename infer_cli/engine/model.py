@@ -129,4 +129,8 @@ class Model:
             self.ptr = None
 
     def __del__(self):
-        self.close()
+        # A Ctrl-C landing while the interpreter finalizes objects must not print a traceback.
+        try:
+            self.close()
+        except KeyboardInterrupt:
+            pass

@@ -112,7 +112,11 @@ class Sampler:
             self.ptr = None
 
     def __del__(self):
-        self.close()
+        # A Ctrl-C landing while the interpreter finalizes objects must not print a traceback.
+        try:
+            self.close()
+        except KeyboardInterrupt:
+            pass
 
 
 class _Candidates:

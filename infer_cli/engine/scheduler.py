@@ -383,4 +383,8 @@ class Scheduler:
             self._batch = None
 
     def __del__(self):
-        self.close()
+        # A Ctrl-C landing while the interpreter finalizes objects must not print a traceback.
+        try:
+            self.close()
+        except KeyboardInterrupt:
+            pass
