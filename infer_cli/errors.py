@@ -137,8 +137,9 @@ class ConfigError(InferError):
 
 class DoesNotFit(InferError):
     def __init__(self, n_ctx: int, n_seq: int, needed: int, available: int, largest_ctx: int):
-        super().__init__(f"a context of {n_ctx} tokens for {n_seq} sequences needs "
-                         f"{human_bytes(needed)}; this machine has {human_bytes(available)}")
+        seqs = f" for {n_seq} sequences" if n_seq > 1 else ""
+        super().__init__(f"the model with a context of {n_ctx} tokens{seqs} needs "
+                         f"{human_bytes(needed)} of memory; this machine has {human_bytes(available)}")
         self.n_ctx, self.n_seq, self.needed, self.available = n_ctx, n_seq, needed, available
         self.largest_ctx = largest_ctx
 

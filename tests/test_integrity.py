@@ -118,3 +118,28 @@ def test_a_changed_store_file_is_refused_by_run_and_repaired_by_pull(smollm2_ggu
     assert r.path == dest
     assert integrity.sha256_of(dest) == src.sha256
     assert store.resolve("smollm2").path == dest
+
+
+# --- memory: refused before loading, never killed by the kernel ---------------------------------
+
+def test_a_model_larger_than_memory_is_refused_before_loading(tmp_path):
+    """A Llama-3.1-405B-shaped Q4_K GGUF (a sparse file: real header and tensor table, a hole for
+    the data) with --no-mmap: `infer run` refuses it with fit's numbers before llama.cpp allocates
+    anything, so the process is never killed by the kernel mid-load."""
+    from infer_cli.models.gguf_info import read_gguf
+    from infer_cli.plan import fit, hardware
+    from tests import synthetic
+
+    shape = synthetic.Shape("llama3-405b-shaped", "llama", 16384, 126, 128, 8, 128, 53248, 128256, 131072)
+    path = synthetic.write(shape, tmp_path / "big.gguf")
+    hw = hardware.detect(llama=False).hardware()
+    need = fit.plan(read_gguf(path), hw, fit.Options(n_ctx=4096, mmap=False)).cpu.total
+    if need <= hw.ram + hw.vram:
+        pytest.skip(f"this machine holds {hw.ram + hw.vram:,} bytes: a 405B model would fit")
+    p = subprocess.run([sys.executable, "-m", "infer_cli", "run", str(path), "hi", "--ctx", "4096",
+                        "--no-mmap", "-n", "4"], capture_output=True, text=True, timeout=120)
+    assert p.returncode == 2, p.stderr
+    assert "Traceback" not in p.stderr
+    first = p.stderr.strip().splitlines()[0]
+    assert "needs" in first and "of memory; this machine has" in first
+    assert "infer fit" in p.stderr

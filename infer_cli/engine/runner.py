@@ -130,6 +130,8 @@ class Runner:
         spec = settings.spec
         draft_info = read_header(spec.draft) if spec and spec.draft else None
         self.opts = opts = settle(opts, info, resolved.entry, draft_info=draft_info)
+        if not opts.rpc:  # settle() planned the workers and the local CPU
+            check_fits_memory(info, opts, draft=draft_info)
         self.model = Model(resolved.path, opts, info=info)
         self.session = Session(self.model, opts)
         self.load_s = time.perf_counter() - t0
@@ -243,15 +245,16 @@ class BatchEngine:
         self.model.close()
 
 
-def check_fits_memory(info, opts: Options) -> None:
-    """Refuse a context and sequence count this machine cannot hold, with the numbers and the
-    largest context that would fit."""
+def check_fits_memory(info, opts: Options, *, draft=None) -> None:
+    """Refuse, before anything is loaded, a model (with its draft), context and sequence count
+    this machine cannot hold, with the numbers and the largest context that would fit: llama.cpp
+    itself would allocate until the kernel killed the process."""
     from infer_cli.errors import DoesNotFit
     from infer_cli.plan import fit, hardware
 
     hw = hardware.detect(llama=False).hardware()
-    plan = fit.plan(info, hw, opts)
+    plan = fit.plan(info, hw, opts, draft=draft)
     if plan.fits:
         return
-    largest = fit.largest_context(info, hw, replace(opts, gpu_layers=None))
+    largest = fit.largest_context(info, hw, replace(opts, gpu_layers=None), draft=draft)
     raise DoesNotFit(opts.n_ctx, opts.n_seq, plan.total, hw.ram + hw.vram, largest)
