@@ -91,3 +91,30 @@ def test_second_batch_on_one_output_is_refused(infer, smollm2_gguf, tmp_path):
     ids = [json.loads(ln)["id"] for ln in out.read_text().splitlines()]
     assert sorted(ids) == list(range(16))
     assert not lock.exists()
+
+
+def test_prompt_cache_savers_evictor_and_reader_race(smollm2_gguf, tmp_path):
+    """Two processes saving the same prompt-cache entry over and over (each a new file renamed
+    over the name), one evicting everything, one restoring: every state the reader loads gives
+    exactly the logits of a fresh computation, and no entry is ever taken for corrupt."""
+    root = tmp_path / "prompt-cache"
+    root.mkdir()
+
+    def role(name: str, seconds: float) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, "-m", "tests.cache_race", name, str(smollm2_gguf),
+                                 str(root), str(seconds)], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, cwd=Path(__file__).parent.parent)
+
+    # a first entry, so the reader has something to find from its first round
+    seed = role("writer", 0)
+    assert seed.wait(timeout=300) == 0, seed.stderr.read()
+    procs = [role("writer", 6), role("writer", 6), role("evictor", 8), role("reader", 6)]
+    results = []
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        assert p.returncode == 0 and "Traceback" not in err, err[-2000:]
+        results.append(json.loads(out.strip().splitlines()[-1]))
+    reader = results[-1]
+    assert reader["wrong"] == 0, reader
+    assert reader["hits"] > 0, reader  # the race was run, not only missed
+    assert not [n for n in reader["notes"] if "corrupt" in n or "refused" in n], reader["notes"]

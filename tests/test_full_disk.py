@@ -1,7 +1,7 @@
 """A full disk, for real: a small tmpfs mounted as the Hugging Face cache, the output folder,
 INFER_HOME (the prompt cache) and a batch output folder. Each operation starts with room (its
 estimate beforehand passes), then another program fills the disk while it writes: it must end
-with the one-line error and exit 74 (the prompt cache: the answer, without the entry), remove
+with the one-line error and exit 74 (the prompt cache: after the answer, which is kept whole), remove
 its partial file, and leave what was there before intact.
 
 Needs root and a kernel that lets the test mount; skipped with the reason otherwise."""
@@ -162,9 +162,11 @@ def test_prompt_cache_save_on_a_full_disk_costs_only_the_entry(infer, smollm2_gg
     saved = entries[0].read_bytes()
     fill(home, 64 << 10)  # far less than one entry (about 1 MiB for this prompt)
     second = infer("run", str(smollm2_gguf), PROMPT + "And then?", "-n", "2", "--temp", "0", env=env)
-    assert second.returncode == 0, second.stderr  # the answer, never lost to the cache
-    assert second.stdout.strip()
+    assert second.returncode == EXIT_IO, second.stderr  # the disk is full: said, with exit 74
+    assert second.stdout.strip()  # and the answer, never lost to the cache
     assert "Traceback" not in second.stderr
+    [error] = [ln for ln in second.stderr.splitlines() if ln.startswith("Error:")]
+    assert "filled up" in error
     files = sorted(p.name for p in (home / "prompt-cache").glob("*/*") if p.is_file())
     assert files == [entries[0].name], files  # no partial entry beside the earlier one
     assert entries[0].read_bytes() == saved

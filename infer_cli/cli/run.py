@@ -79,7 +79,19 @@ def one_shot(runner, prompt: str, out, *, json_mode: bool, resolved) -> int:
         for note in stats.notes:
             out.info(f"[yellow]note:[/] {note}")
         out.info(f"[dim]{stats_line(stats, finish)}[/]")
+    full = _cache_disk_full(runner)
+    if full is not None and finish != "interrupted":
+        raise full  # the answer is out, whole; the disk that could not take its cache entry is news
     return 130 if finish == "interrupted" else 0
+
+
+def _cache_disk_full(runner):
+    """The DiskFull of a prompt-cache save during the last answer (then forgotten), or None."""
+    cache = getattr(runner, "cache", None)
+    full = getattr(cache, "disk_full", None)
+    if full is not None:
+        cache.disk_full = None
+    return full
 
 
 _HELP = ("Type a message; end a line with \\ to continue it, or wrap several lines in \"\"\". "
@@ -153,6 +165,8 @@ def interactive(runner, out) -> int:
         for note in last.stats.notes:
             out.info(f"[yellow]note:[/] {note}")
         out.info(f"[dim]{stats_line(last.stats, last.finish_reason)}[/]")
+        if (full := _cache_disk_full(runner)) is not None:
+            out.error(str(full), describe(full).hint)
 
 
 def _split_run_args(first: str | None, second: str | None) -> tuple[str | None, str | None]:

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-from infer_cli.errors import NotEnoughDisk
+from infer_cli.errors import DiskFull, NotEnoughDisk
 from infer_cli.files import atomic_output
 from infer_cli.paths import infer_home
 
@@ -68,6 +68,7 @@ class Entry:
     path: Path
     header: dict
     state_offset: int
+    inode: int = 0
 
     @property
     def tokens(self) -> list[int]:
@@ -77,18 +78,25 @@ class Entry:
 def read_header(path: Path) -> Entry:
     """The header of a cache file; ValueError with a reason if it is not one of ours."""
     with path.open("rb") as f:
-        file_size = os.fstat(f.fileno()).st_size
-        if f.read(len(MAGIC)) != MAGIC:
-            raise ValueError("not an infer prompt-cache file")
-        raw = f.read(4)
-        if len(raw) != 4:
-            raise ValueError("truncated")
-        (n,) = struct.unpack("<I", raw)
-        if n > _MAX_HEADER:
-            raise ValueError("header too large")
-        body = f.read(n)
-        if len(body) != n:
-            raise ValueError("truncated")
+        return _header_of(f, path)
+
+
+def _header_of(f, path: Path) -> Entry:
+    """The header of the open cache file ``f`` (read from its start)."""
+    st = os.fstat(f.fileno())
+    file_size = st.st_size
+    f.seek(0)
+    if f.read(len(MAGIC)) != MAGIC:
+        raise ValueError("not an infer prompt-cache file")
+    raw = f.read(4)
+    if len(raw) != 4:
+        raise ValueError("truncated")
+    (n,) = struct.unpack("<I", raw)
+    if n > _MAX_HEADER:
+        raise ValueError("header too large")
+    body = f.read(n)
+    if len(body) != n:
+        raise ValueError("truncated")
     try:
         header = json.loads(body)
     except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
@@ -105,7 +113,7 @@ def read_header(path: Path) -> Entry:
     # checked before anything reads the state: a crafted size must not become an allocation
     if len(MAGIC) + 4 + n + size != file_size:
         raise ValueError("truncated or corrupt (its size disagrees with its header)")
-    return Entry(path, header, len(MAGIC) + 4 + n)
+    return Entry(path, header, len(MAGIC) + 4 + n, st.st_ino)
 
 
 class PromptCache:
@@ -120,6 +128,7 @@ class PromptCache:
         self.root = root or cache_root()
         self.folder = self.root / key[:24]
         self.limit = max_bytes() if limit is None else limit
+        self.disk_full: DiskFull | None = None  # the last save the disk had no room for
 
     # lookup --------------------------------------------------------------------------------
 
@@ -128,10 +137,17 @@ class PromptCache:
             return
         for path in self.folder.glob("*.kvc"):
             try:
-                entry = read_header(path)
-            except (OSError, ValueError) as e:
+                with path.open("rb") as f:
+                    inode = os.fstat(f.fileno()).st_ino
+                    entry = _header_of(f, path)
+            except FileNotFoundError:
+                continue  # evicted by another process since the listing
+            except OSError as e:
+                notes.append(f"prompt cache: cannot read {path.name} ({e}); recomputing")
+                continue
+            except ValueError as e:
                 notes.append(f"prompt cache: refused {path.name} ({e}); recomputing")
-                _unlink(path)
+                _unlink(path, inode)
                 continue
             h = entry.header
             if h.get("model") != self.model_id:
@@ -160,12 +176,19 @@ class PromptCache:
             _unlink(best.path)
             return "miss"
         session.trim(best_keep)
-        os.utime(best.path)  # least recently used goes first
+        _touch(best.path)  # least recently used goes first
         return "hit"
 
     def _state(self, entry: Entry, notes: list[str]) -> bytes | None:
+        """The saved state of ``entry``, read from the same file as its header: another process
+        may replace (an identical save, renamed into place) or evict the path at any moment, and
+        the header of one file must never vouch for the bytes of another."""
         try:
             with entry.path.open("rb") as f:
+                if os.fstat(f.fileno()).st_ino != entry.inode:
+                    notes.append(f"prompt cache: {entry.path.name} was replaced while being read; "
+                                 "recomputing")
+                    return None
                 f.seek(entry.state_offset)
                 data = f.read(entry.header["state_size"] + 1)
         except OSError as e:
@@ -174,7 +197,7 @@ class PromptCache:
         if len(data) != entry.header["state_size"] or \
                 hashlib.sha256(data).hexdigest() != entry.header["state_sha256"]:
             notes.append(f"prompt cache: refused {entry.path.name}: it is corrupt or truncated; recomputing")
-            _unlink(entry.path)
+            _unlink(entry.path, entry.inode)
             return None
         return data
 
@@ -187,8 +210,7 @@ class PromptCache:
             return None
         name = hashlib.sha256(struct.pack(f"<{len(tokens)}i", *tokens)).hexdigest()[:32] + ".kvc"
         path = self.folder / name
-        if path.exists():
-            os.utime(path)
+        if _touch(path):
             return path
         data = session.state_bytes()
         header = {"format": FORMAT, "model": self.model_id, "model_path": self.model_path,
@@ -200,14 +222,33 @@ class PromptCache:
             with atomic_output(path) as tmp, tmp.open("wb") as f:
                 f.write(MAGIC + struct.pack("<I", len(body)) + body)
                 f.write(data)
-        except (OSError, NotEnoughDisk):  # DiskFull: atomic_output has removed the partial file
-            return None  # a full disk costs the cache entry, never the answer
+        except DiskFull as e:  # atomic_output has removed the partial file
+            # A full disk costs the cache entry, never the answer: the command reports it
+            # (``disk_full``) once the answer is out.
+            self.disk_full = e
+            return None
+        except (OSError, NotEnoughDisk):
+            return None
         evict(self.root, self.limit)
         return path
 
 
-def _unlink(path: Path) -> None:
+def _touch(path: Path) -> bool:
+    """Mark ``path`` as just used; False when it is gone (another process may evict it at any
+    moment: the state already read stays good)."""
     try:
+        os.utime(path)
+        return True
+    except OSError:
+        return False
+
+
+def _unlink(path: Path, inode: int | None = None) -> None:
+    """Remove ``path``; with ``inode``, only while it is still that file (not a good copy another
+    process has renamed into its place since)."""
+    try:
+        if inode is not None and path.stat().st_ino != inode:
+            return
         path.unlink()
     except OSError:
         pass
