@@ -45,6 +45,9 @@ class Options:
     warmup: bool = True               # one throw-away decode at load, as llama.cpp's tools do
     rpc: tuple[str, ...] = ()         # RPC workers (HOST:PORT) that hold the offloaded layers
     tensor_split: tuple[float, ...] = ()  # share of the offloaded layers per worker device
+    # MoE: the routed experts of the first n_cpu_moe blocks stay in host memory whatever
+    # gpu_layers is (llama.cpp's --n-cpu-moe); ALL_LAYERS: of every block (--cpu-moe)
+    n_cpu_moe: int = 0
 
     def check(self) -> None:
         """Reject settings llama.cpp would refuse or crash on, with the fix in the message."""
@@ -65,6 +68,8 @@ class Options:
             raise BadOption("--batch/--ubatch", f"{self.n_batch}/{self.n_ubatch}", "positive sizes")
         if not 1 <= self.n_seq <= 256:
             raise BadOption("--parallel", str(self.n_seq), "between 1 and 256 (llama.cpp's limit)")
+        if self.n_cpu_moe < ALL_LAYERS:
+            raise BadOption("--n-cpu-moe", str(self.n_cpu_moe), "a number of layers, 0 or more")
         if self.tensor_split and (any(x < 0 for x in self.tensor_split) or not any(self.tensor_split)):
             raise BadOption("--tensor-split", ",".join(f"{x:g}" for x in self.tensor_split),
                             "non-negative shares, not all zero (e.g. 1,1 or 3,1)")

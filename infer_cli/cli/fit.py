@@ -11,9 +11,9 @@ from typing import Annotated, Optional
 
 import typer
 
-from infer_cli.cli.options import (BatchOpt, CacheTypeKOpt, CacheTypeVOpt, CtxOpt, EngineArgs,
-                                   FlashAttnOpt, GpuLayersOpt, JsonOpt, ParallelOpt, RpcOpt,
-                                   SwaFullOpt, TensorSplitOpt, UbatchOpt)
+from infer_cli.cli.options import (BatchOpt, CacheTypeKOpt, CacheTypeVOpt, CpuMoeOpt, CtxOpt,
+                                   EngineArgs, FlashAttnOpt, GpuLayersOpt, JsonOpt, NCpuMoeOpt,
+                                   ParallelOpt, RpcOpt, SwaFullOpt, TensorSplitOpt, UbatchOpt)
 from infer_cli.cli.output import output
 from infer_cli.errors import human_bytes
 
@@ -40,6 +40,8 @@ def fit_command(
     parallel: ParallelOpt = 1,
     no_mmap: Annotated[bool, typer.Option("--no-mmap", help="Plan for weights read into memory instead of mapped (with mmap, the CPU mapping spans from the first to the last CPU tensor in the file).")] = False,
     gpu_layers: GpuLayersOpt = "auto",
+    cpu_moe: CpuMoeOpt = False,
+    n_cpu_moe: NCpuMoeOpt = None,
     gpu: Annotated[Optional[str], typer.Option("--gpu", help="Plan for a hardware profile instead: 'RTX 4090', 'H100 80GB', 'M3 Max 64GB', 'CPU 16GB', ...", show_default=False)] = None,
     ram: Annotated[Optional[str], typer.Option("--ram", help="Plan for this much RAM (e.g. 16G).", show_default=False)] = None,
     vram: Annotated[Optional[str], typer.Option("--vram", help="Plan for a CUDA GPU with this much memory (e.g. 24G).", show_default=False)] = None,
@@ -61,7 +63,7 @@ def fit_command(
     opts = EngineArgs(ctx=ctx, batch=batch, ubatch=ubatch, cache_type_k=cache_type_k,
                       cache_type_v=cache_type_v, flash_attn=flash_attn, swa_full=swa_full,
                       gpu_layers=gpu_layers, no_mmap=no_mmap, rpc=rpc,
-                      tensor_split=tensor_split).options(parallel)
+                      tensor_split=tensor_split, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe).options(parallel)
     if not opts.n_ctx and (hardware_only or (model is not None and _is_hub_repo(model))):
         opts = fit.replace(opts, n_ctx=default_context(None))
     what_if = gpu is not None or ram is not None or vram is not None
@@ -88,6 +90,9 @@ def fit_command(
         from infer_cli.plan import rpc_fit
 
         p = rpc_fit.plan(info, fit_rpc.devices(opts.rpc, rpc_ram), hw, opts)
+        if opts.n_cpu_moe:
+            p.notes.append("--cpu-moe / --n-cpu-moe are not in the RPC plan: it places every "
+                           "expert with its layer")
         fit_rpc.emit(out, resolved.name, fit.facts(info), p, json_mode, hw.name)
         return
     draft_info = read_header(store.resolve(draft, download=False)) if draft else None
@@ -101,9 +106,11 @@ def fit_command(
     checks = fit.check(str(resolved.path), [opts]) if check else []
     if json_mode:
         doc = {"model": resolved.name, "path": str(resolved.path), "plan": p.as_dict(),
-               "largest_context": largest,
+               "parameters": {"total": m.n_params, "active": m.n_active_params},
+               "experts": _experts_doc(m), "largest_context": largest,
                "suggestions": [{"change": s.change, "verdict": s.plan.verdict_text, "fits": s.plan.fits,
-                                "gpu_layers": s.plan.gpu_layers, "total": s.plan.total} for s in tips]}
+                                "gpu_layers": s.plan.gpu_layers, "total": s.plan.total,
+                                "note": s.note} for s in tips]}
         if not what_if:
             doc["machine"] = _machine_doc(machine)
         if checks:
@@ -115,6 +122,29 @@ def fit_command(
     if not what_if:
         _emit_hardware(out, machine, False)
     _emit_plan(out, resolved.name, m, p, largest, tips, checks)
+
+
+def _experts_doc(m) -> dict | None:
+    """A MoE model's experts (None for a dense one): how many, how many a token uses, and the
+    bytes of the routed-expert tensors (all resident: llama.cpp allocates every expert)."""
+    if not m.n_expert:
+        return None
+    return {"count": m.n_expert, "used": m.n_expert_used, "shared": m.n_expert_shared,
+            "feed_forward_length": m.n_ff_exp, "bytes": sum(m.expert_bytes),
+            "bytes_per_layer": list(m.expert_bytes)}
+
+
+def _experts_text(m) -> str:
+    """', MoE: 8 of 128 experts per token, 3.3B of 30.5B parameters active' (empty if dense)."""
+    if not m.n_expert:
+        return ""
+    def _params(n: int) -> str:
+        return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.1f}M"
+
+    shared = f" + {m.n_expert_shared} shared" if m.n_expert_shared else ""
+    return (f", MoE: {m.n_expert_used} of {m.n_expert} experts{shared} per token, "
+            f"{_params(m.n_active_params)} of {_params(m.n_params)} parameters active "
+            f"(every expert is loaded: {human_bytes(sum(m.expert_bytes))} of expert weights)")
 
 
 def _target(machine, gpu: str | None, ram: str | None, vram: str | None):
@@ -200,7 +230,7 @@ def _emit_plan(out, name, m, p, largest, tips, checks) -> None:
 
     o = p.options
     out.result(f"\n[bold]{name}[/]: {m.arch}, {m.n_layer} layers, {m.quant or '?'}, "
-               f"{human_bytes(m.weights_bytes)} of weights")
+               f"{human_bytes(m.weights_bytes)} of weights" + _experts_text(m))
     swa = f" ({p.n_ctx_swa} on sliding-window layers)" if p.n_ctx_swa != p.n_ctx else ""
     out.result(f"Plan for {p.hardware.name}: context {p.n_ctx}{swa}, ubatch {p.n_ubatch}, "
                f"KV {o.cache_type_k}/{o.cache_type_v}, flash attention {o.flash_attn}")
@@ -212,6 +242,9 @@ def _emit_plan(out, name, m, p, largest, tips, checks) -> None:
         label = {"kv": "KV cache", "overhead": "runtime allowance", "total": "total allocated"}.get(comp, comp)
         t.add_row(label, human_bytes(a), human_bytes(b) if b else "-")
     out.result(t)
+    if p.moe_cpu_layers:
+        out.result(f"Experts in RAM: {human_bytes(p.moe_cpu_bytes)}, the routed experts of "
+                   f"{p.moe_cpu_layers} GPU layers (counted in the CPU's weights)")
     if p.cpu.untouched:
         # llama.cpp reserves logits for a whole ubatch; a decode that wants one token's logits
         # never writes the rest, so those pages never become resident
@@ -232,13 +265,15 @@ def _emit_plan(out, name, m, p, largest, tips, checks) -> None:
         out.info(f"[dim]note: {note}[/]")
     if tips:
         if p.fits:
-            out.result("To put more layers on the GPU:")
+            out.result("To do better (more layers on the GPU, or a longer context):")
         elif any(s.plan.fits for s in tips):
             out.result("To make it fit:")
         else:
             out.result("None of these alone makes it fit:")
         for s in tips:
-            out.result(f"  {s.change}: {s.plan.verdict_text}, {human_bytes(s.plan.total)} in all")
+            ctx = f", context {s.plan.n_ctx:,}" if s.plan.n_ctx != p.n_ctx else ""
+            note = f"; {s.note}" if s.note else ""
+            out.result(f"  {s.change}: {s.plan.verdict_text}{ctx}, {human_bytes(s.plan.total)} in all{note}")
     for c in checks:
         if not c.ok:
             out.result(f"llama.cpp dry run failed: {c.error}")

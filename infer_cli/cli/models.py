@@ -125,11 +125,19 @@ def _show_rows(f: dict) -> list[tuple[str, str]]:
         heads += f" (grouped-query, {f['head_count'] // f['head_count_kv']} per group)"
     template = f["chat_template"]
     bpw = f["bits_per_weight"]
+    moe = []
+    if f.get("expert_count"):  # mixture of experts: every expert is loaded, a few run per token
+        shared = f" + {f['expert_shared_count']} shared" if f.get("expert_shared_count") else ""
+        width = f", {f['expert_feed_forward_length']} wide" if f.get("expert_feed_forward_length") else ""
+        moe = [("experts", f"{f['expert_count']} per layer, {f['expert_used_count']} used per token{shared}{width}"),
+               ("active parameters", f"{_params(f['n_active_params'])} per token ({f['n_active_params']:,}) "
+                                     f"of {_params(f['n_params'])}")]
     return [
         ("model", f["model"]),
         ("architecture", opt(f["architecture"])),
         ("name", opt(f["name"])),
         ("parameters", f"{_params(f['n_params'])} ({f['n_params']:,})"),
+        *moe,
         ("quantization", f"{f['quant']}, {bpw:.2f} bits per weight" if bpw else f["quant"]),
         ("file size", f"{human_bytes(f['file_size'])} ({f['file_size']:,} bytes)"),
         ("layers", opt(f["block_count"])),

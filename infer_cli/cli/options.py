@@ -35,6 +35,12 @@ SwaFullOpt = Annotated[bool, typer.Option(
 ThreadsOpt = Annotated[Optional[int], typer.Option(
     "--threads", "-t", help="CPU threads (default: the physical cores).", show_default=False)]
 GpuLayersOpt = Annotated[str, typer.Option("--gpu-layers", help="Layers to offload to the GPU: a number, or auto.")]
+CpuMoeOpt = Annotated[bool, typer.Option(
+    "--cpu-moe", help="Mixture-of-experts models: keep every layer's routed experts in RAM and "
+    "the rest of the offloaded layers on the GPU (llama.cpp's --cpu-moe).")]
+NCpuMoeOpt = Annotated[Optional[int], typer.Option(
+    "--n-cpu-moe", help="Mixture-of-experts models: keep the routed experts of the first N layers "
+    "in RAM (llama.cpp's --n-cpu-moe).", show_default=False)]
 MlockOpt = Annotated[bool, typer.Option("--mlock", help="Lock the weights in RAM.")]
 NoMmapOpt = Annotated[bool, typer.Option(
     "--no-mmap", help="Read the weights into memory instead of mapping the file.")]
@@ -92,6 +98,16 @@ def parse_tensor_split(value: str | None) -> tuple[float, ...]:
         return tuple(float(x) for x in value.split(","))
     except ValueError:
         raise BadOption("--tensor-split", value, "numbers separated by commas, e.g. 1,1 or 3,1") from None
+
+
+def parse_cpu_moe(cpu_moe: bool, n_cpu_moe: int | None) -> int:
+    """--cpu-moe / --n-cpu-moe N -> Options.n_cpu_moe (ALL_LAYERS for --cpu-moe, which wins)."""
+    from infer_cli.errors import BadOption
+    from infer_cli.options import ALL_LAYERS
+
+    if n_cpu_moe is not None and n_cpu_moe < 0:
+        raise BadOption("--n-cpu-moe", str(n_cpu_moe), "a number of layers, 0 or more")
+    return ALL_LAYERS if cpu_moe else n_cpu_moe or 0
 
 
 def parse_gpu_layers(value: str) -> int | None:
@@ -165,6 +181,8 @@ class EngineArgs(OptionGroup):
     batch: BatchOpt = 2048
     ubatch: UbatchOpt = 512
     gpu_layers: GpuLayersOpt = "auto"
+    cpu_moe: CpuMoeOpt = False
+    n_cpu_moe: NCpuMoeOpt = None
     mlock: MlockOpt = False
     no_mmap: NoMmapOpt = False
     rpc: RpcOpt = None
@@ -180,7 +198,8 @@ class EngineArgs(OptionGroup):
                        cache_type_v=self.cache_type_v.lower(), flash_attn=self.flash_attn.lower(),
                        swa_full=self.swa_full, gpu_layers=parse_gpu_layers(self.gpu_layers),
                        mlock=self.mlock, mmap=not self.no_mmap, rpc=parse_rpc(self.rpc),
-                       tensor_split=parse_tensor_split(self.tensor_split))
+                       tensor_split=parse_tensor_split(self.tensor_split),
+                       n_cpu_moe=parse_cpu_moe(self.cpu_moe, self.n_cpu_moe))
         replace(opts, n_ctx=opts.n_ctx or DEFAULT_CTX).check()  # bad options fail before anything loads
         return opts
 

@@ -27,6 +27,50 @@ def default_threads() -> int:
     return psutil.cpu_count(logical=False) or os.cpu_count() or 1
 
 
+class BuftOverride(ctypes.Structure):
+    """struct llama_model_tensor_buft_override (llama.h; the binding has no type for it)."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def cpu_moe_overrides(n_cpu_moe: int, n_layer: int):
+    """llama.cpp's tensor buffer overrides for --cpu-moe (``n_cpu_moe`` ALL_LAYERS: one pattern
+    for every block's routed experts) or --n-cpu-moe N (one pattern per block 0..N-1), each to
+    the CPU buffer type, as common/arg.cpp builds them: (the NULL-terminated
+    llama_model_tensor_buft_override array, the pattern strings it points into). Keep both
+    alive while the model loads."""
+    from infer_cli.models.gguf_info import EXPERT_TENSOR_PATTERN
+    from infer_cli.options import ALL_LAYERS
+
+    if n_cpu_moe == ALL_LAYERS:
+        patterns = [EXPERT_TENSOR_PATTERN]
+    else:
+        patterns = [rf"blk\.{il}{EXPERT_TENSOR_PATTERN}" for il in range(min(n_cpu_moe, n_layer))]
+    keep = [ctypes.create_string_buffer(p.encode()) for p in patterns]
+    buft = _cpu_buffer_type()
+    arr = (BuftOverride * (len(keep) + 1))()
+    for i, b in enumerate(keep):
+        arr[i].pattern = ctypes.cast(b, ctypes.c_char_p)
+        arr[i].buft = buft
+    arr[len(keep)].pattern = None  # the terminator
+    return arr, keep
+
+
+def _cpu_buffer_type() -> int:
+    """ggml_backend_cpu_buffer_type(): the buffer type llama.cpp compares an override against
+    to keep a tensor in host memory (libggml-base, loaded already by libllama)."""
+    import llama_cpp
+
+    lib_dir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
+        path = os.path.join(lib_dir, name)
+        if os.path.exists(path):
+            fn = ctypes.CDLL(path).ggml_backend_cpu_buffer_type
+            fn.restype, fn.argtypes = ctypes.c_void_p, []
+            return fn()
+    raise ModelLoadFailed(lib_dir, "llama.cpp's ggml-base library is not there (needed for --cpu-moe)")
+
+
 class Model:
     """A loaded GGUF: weights and vocabulary. ``close()`` frees it (also on garbage collection)."""
 
@@ -67,6 +111,9 @@ class Model:
                 shares = list(opts.tensor_split)[:n]
                 self._split = (ctypes.c_float * n)(*shares, *([0.0] * (n - len(shares))))
                 params.tensor_split = self._split
+        if opts.n_cpu_moe:  # MoE: the routed experts stay in host memory (tensor buffer overrides)
+            self._overrides = cpu_moe_overrides(opts.n_cpu_moe, info.block_count or 0)
+            params.tensor_buft_overrides = ctypes.cast(self._overrides[0], ctypes.c_void_p)
         mark = llama_log.mark()
         t0 = time.perf_counter()
         self.ptr = L.llama_model_load_from_file(str(self.path).encode(), params)

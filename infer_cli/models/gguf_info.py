@@ -227,6 +227,45 @@ class GGUFInfo:
     def sliding_window(self) -> int | None:
         return _int_or_none(self.arch_get("attention.sliding_window"))
 
+    # -- mixture of experts ---------------------------------------------------------------------
+
+    @property
+    def expert_count(self) -> int:
+        """Experts per MoE layer (``{arch}.expert_count``); 0 for a dense model."""
+        return _scalar_max(self.arch_get("expert_count")) or 0
+
+    @property
+    def expert_used_count(self) -> int:
+        """Experts each token is routed to (``{arch}.expert_used_count``); 0 for a dense model."""
+        return _scalar_max(self.arch_get("expert_used_count")) or 0
+
+    @property
+    def expert_shared_count(self) -> int:
+        """Shared experts every token passes through (``{arch}.expert_shared_count``)."""
+        return _scalar_max(self.arch_get("expert_shared_count")) or 0
+
+    @property
+    def expert_feed_forward_length(self) -> int | None:
+        """The feed-forward width of one expert (``{arch}.expert_feed_forward_length``); None
+        where the architecture has no such key (Mixtral: ``feed_forward_length`` is it)."""
+        return _scalar_max(self.arch_get("expert_feed_forward_length"))
+
+    @property
+    def n_expert_params(self) -> int:
+        """Parameters in the routed-expert tensors (``blk.N.ffn_{up,down,gate}_exps``: 3-D, one
+        matrix per expert); shared experts are not among them."""
+        return sum(t.n_elements for t in self.tensors if is_expert_tensor(t.name))
+
+    @property
+    def n_active_params(self) -> int:
+        """Parameters one token passes through: everything but the routed experts, plus
+        ``expert_used_count`` of every ``expert_count`` of those. ``n_params`` for a dense model."""
+        n, used = self.expert_count, self.expert_used_count
+        experts = self.n_expert_params
+        if not (n and used and experts):
+            return self.n_params
+        return self.n_params - experts + experts * min(used, n) // n
+
     # -- tokenizer ------------------------------------------------------------------------------
 
     @property
@@ -324,6 +363,18 @@ def read_split(paths: Iterable[str | os.PathLike[str]], *, arrays: bool = False)
     )
 
 
+# llama.cpp's LLM_FFN_EXPS_REGEX (common/common.h), what --cpu-moe keeps in host memory: the
+# routed experts' up, down, gate (and fused gate_up) tensors, ``ch`` variants included.
+EXPERT_TENSOR_PATTERN = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
+
+
+def is_expert_tensor(name: str) -> bool:
+    """Whether ``name`` is a routed-expert tensor (``blk.3.ffn_up_exps.weight``, ...)."""
+    import re
+
+    return re.search(EXPERT_TENSOR_PATTERN, name) is not None
+
+
 def quant_label(info: GGUFInfo) -> str:
     """A short quantization label such as 'Q4_1', 'Q4_K_M' or 'F16' ('unknown' if none)."""
     return info.file_type_name or "unknown"
@@ -361,6 +412,12 @@ def summary(info: GGUFInfo) -> dict[str, Any]:
         "value_length": info.value_length,
         "sliding_window": info.sliding_window,
         "vocab_size": info.vocab_size,
+        "expert_count": info.expert_count,
+        "expert_used_count": info.expert_used_count,
+        "expert_shared_count": info.expert_shared_count,
+        "expert_feed_forward_length": info.expert_feed_forward_length,
+        "n_expert_params": info.n_expert_params,
+        "n_active_params": info.n_active_params,
         "tokenizer_model": info.tokenizer_model,
         "chat_template": info.chat_template,
         "split_no": split_no,

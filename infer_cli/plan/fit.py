@@ -118,18 +118,42 @@ class Model:
     # embedding, -2 the output layer (final norm, output matrix, ...). Empty for hand-made models.
     tensors: tuple[tuple[int, int, int], ...] = ()
     n_merges: int = 0             # BPE merges of the tokenizer (its tables take RAM)
+    # Mixture of experts (all 0/empty for a dense model). n_ff above is then the width a token
+    # passes through: the used experts side by side (n_expert_used x n_ff_exp), or the shared
+    # expert or a dense block's FFN where wider (they run one after the other).
+    n_expert: int = 0
+    n_expert_used: int = 0
+    n_expert_shared: int = 0
+    n_ff_exp: int = 0
+    expert_bytes: tuple[int, ...] = ()  # routed-expert tensors of each block (in layer_bytes)
+    # (offset, bytes, block) of every routed-expert tensor (ffn_{up,down,gate}_exps)
+    expert_tensors: tuple[tuple[int, int, int], ...] = ()
+    n_params: int = 0
+    n_active_params: int = 0      # parameters one token passes through
+
+    def moe_cpu_blocks(self, o: Options) -> range:
+        """The blocks whose routed experts ``o`` keeps in host memory (--cpu-moe, --n-cpu-moe)."""
+        if not any(self.expert_bytes) or not o.n_cpu_moe:
+            return range(0)
+        return range(self.n_layer if o.n_cpu_moe == ALL_LAYERS else min(o.n_cpu_moe, self.n_layer))
+
+    def largest_expert_tensor(self, blocks) -> int:
+        """The largest routed-expert tensor of the given blocks (0 when unknown)."""
+        return max((b for _, b, g in self.expert_tensors if g in blocks), default=0)
 
     def largest_block_tensor(self, blocks: range) -> int:
         """The largest single tensor of the given blocks (0 when unknown)."""
         return max((b for _, b, g in self.tensors if g in blocks), default=0)
 
-    def mapped_span(self, groups) -> int | None:
+    def mapped_span(self, groups, expert_blocks=()) -> int | None:
         """With mmap, llama.cpp's CPU_Mapped buffer covers the file from the first to the last
         byte of the tensors it holds (llama-model-loader ``get_mapping_range``), GPU tensors
-        stored between them included. None when the tensor table is not known."""
+        stored between them included; ``expert_blocks``: blocks whose routed experts are held
+        there too (--cpu-moe). None when the tensor table is not known."""
         sel = [(o, b) for o, b, g in self.tensors if g in groups]
         if not sel:
             return None
+        sel += [(o, b) for o, b, g in self.expert_tensors if g in expert_blocks]
         return max(o + b for o, b in sel) - min(o for o, _ in sel)
 
     @property
@@ -194,6 +218,10 @@ class Plan:
     kv_per_token: int          # bytes of KV per context cell over all full-attention layers
     draft: "Plan | None" = None
     notes: list[str] = field(default_factory=list)
+    # MoE with --cpu-moe / --n-cpu-moe: blocks on the GPU whose routed experts stay in RAM,
+    # and those experts' bytes (counted in cpu.weights)
+    moe_cpu_layers: int = 0
+    moe_cpu_bytes: int = 0
 
     @property
     def total(self) -> int:
@@ -205,9 +233,12 @@ class Plan:
 
     @property
     def verdict_text(self) -> str:
-        return {"gpu": "fits on the GPU", "cpu": "CPU only",
+        text = {"gpu": "fits on the GPU", "cpu": "CPU only",
                 "partial": f"partial offload: {self.gpu_layers} of {self.n_layer + 1} layers on the GPU",
                 "no-fit": "does not fit"}[self.verdict]
+        if self.moe_cpu_layers and self.verdict in ("gpu", "partial"):
+            text += f", with the experts of {self.moe_cpu_layers} layers in RAM"
+        return text
 
     def as_dict(self) -> dict[str, Any]:
         d = {"model": self.model, "hardware": asdict(self.hardware), "options": asdict(self.options),
@@ -215,7 +246,8 @@ class Plan:
              "n_layer": self.n_layer, "gpu_layers": self.gpu_layers, "verdict": self.verdict,
              "verdict_text": self.verdict_text, "fits": self.fits,
              "devices": {"cpu": self.cpu.as_dict(), "gpu": self.gpu.as_dict()},
-             "total": self.total, "resident": self.resident, "kv_per_token": self.kv_per_token, "notes": self.notes}
+             "total": self.total, "resident": self.resident, "kv_per_token": self.kv_per_token, "notes": self.notes,
+             "moe_cpu_layers": self.moe_cpu_layers, "moe_cpu_bytes": self.moe_cpu_bytes}
         if self.draft is not None:
             d["draft"] = self.draft.as_dict()
         return d
@@ -227,7 +259,7 @@ class Plan:
 
 def facts(info) -> Model:
     """The plan's view of a ``gguf_info.GGUFInfo``; BadModelFile when a needed key is missing."""
-    from infer_cli.models.gguf_info import ArrayInfo
+    from infer_cli.models.gguf_info import ArrayInfo, is_expert_tensor
 
     arch = info.architecture or "?"
     n_layer, n_embd, n_head = info.block_count, info.embedding_length, info.head_count
@@ -240,6 +272,8 @@ def facts(info) -> Model:
         kv_heads = (info.head_count_kv or n_head,) * n_layer
     n_swa = info.sliding_window or 0
     layer_bytes = [0] * n_layer
+    expert_bytes = [0] * n_layer
+    experts, ffn_width = [], {}  # (offset, bytes, block); widest FFN a token passes per block
     embd = output = 0
     has_output = False
     spans = []
@@ -253,6 +287,16 @@ def facts(info) -> Model:
             if 0 <= il < n_layer:
                 layer_bytes[il] += t.n_bytes
                 spans.append((t.offset, t.n_bytes, il))
+                if is_expert_tensor(t.name):
+                    expert_bytes[il] += t.n_bytes
+                    experts.append((t.offset, t.n_bytes, il))
+                if (len(t.shape) >= 2 and t.name.endswith(".weight")
+                        and (".ffn_up" in t.name or ".ffn_gate_up" in t.name)):
+                    # up: {n_embd, n_ff[, n_expert]}; a fused gate_up is twice as wide
+                    width = t.shape[1] // (2 if ".ffn_gate_up" in t.name else 1)
+                    if is_expert_tensor(t.name):
+                        width *= max(1, min(info.expert_used_count, info.expert_count))
+                    ffn_width[il] = max(ffn_width.get(il, 0), width)
                 continue
         if t.name.startswith("token_embd."):
             embd += t.n_bytes
@@ -266,15 +310,25 @@ def facts(info) -> Model:
     tok = info.tensor("token_embd.weight")
     tied_bytes = tok.n_bytes if tied and tok is not None else 0
     output += tied_bytes
+    n_ff = info.feed_forward_length or 4 * n_embd
+    moe = bool(experts) and info.expert_count > 0
+    if moe and ffn_width:
+        n_ff = max(ffn_width.values())
     return Model(
         name=info.name or os.path.basename(info.path), arch=arch, n_layer=n_layer, n_embd=n_embd,
         n_head=n_head, n_head_kv=kv_heads, head_dim_k=info.key_length or n_embd // n_head,
-        head_dim_v=info.value_length or n_embd // n_head, n_ff=info.feed_forward_length or 4 * n_embd,
+        head_dim_v=info.value_length or n_embd // n_head, n_ff=n_ff,
         n_vocab=info.vocab_size or 0, n_ctx_train=info.context_length or 4096, n_swa=n_swa,
         swa_layers=_swa_layers(info, arch, n_layer, n_swa), layer_bytes=tuple(layer_bytes),
         embd_bytes=embd, output_bytes=output, tied_output=tied, tied_bytes=tied_bytes, file_bytes=info.file_size,
         quant=info.file_type_name or "", tensors=tuple(spans) if single_file else (),
-        n_merges=len(merges) if isinstance(merges, (list, ArrayInfo)) else 0)
+        n_merges=len(merges) if isinstance(merges, (list, ArrayInfo)) else 0,
+        n_expert=info.expert_count if moe else 0, n_expert_used=info.expert_used_count if moe else 0,
+        n_expert_shared=info.expert_shared_count if moe else 0,
+        n_ff_exp=(info.expert_feed_forward_length or info.feed_forward_length or 0) if moe else 0,
+        # what --cpu-moe's pattern moves, with or without the expert keys
+        expert_bytes=tuple(expert_bytes) if experts else (), expert_tensors=tuple(experts),
+        n_params=info.n_params, n_active_params=info.n_active_params)
 
 
 def _swa_layers(info, arch: str, n_layer: int, n_swa: int) -> tuple[bool, ...]:
@@ -356,7 +410,22 @@ def compute_bytes(m: Model, o: Options, c: _Ctx | None = None, *, logits: bool =
             masks = n_kv * ub * 4 + (c.n_swa * ub * 4 if any(m.swa_layers) and c.n_swa != n_kv else 0)
             phases.append(n_kv * ub * 4 * m.n_head + masks + act)  # f32 scores of every head
         phases.append(ub * 4 * (3 * m.n_ff + 2 * m.n_embd))
+        if m.n_expert_used:
+            # a MoE layer peaks where the used experts' outputs sit beside the FFN inputs and
+            # the masks (what one token's decode writes too; the ubatch's logits may be larger)
+            phases.append(decode_compute_bytes(m, o, c))
     return max(phases)
+
+
+def _moe_outputs(m: Model) -> int:
+    """f32 values per token alive where a MoE layer's used experts write their outputs
+    (n_embd for each used expert, before they are weighted and summed) beside the residual and
+    its norm; 0 for a dense model. A loose model of where the graph allocator peaks: against
+    llama.cpp's reserve for one token's logits (tests/synthetic.py's shapes, n_ubatch 128-512)
+    the Qwen3-30B-A3B shape (8 of 128 experts, n_embd 2048) is 13-18% above what this and the
+    FFN activations give, Qwen1.5-MoE (4 of 60 + shared) 7-10% above, Mixtral (2 of 8, where the
+    FFN activations peak) within 0.1%; 2-layer toys range from 18% above to 33% below."""
+    return 2 * m.n_embd * m.n_expert_used + 2 * m.n_embd if m.n_expert_used else 0
 
 
 def decode_compute_bytes(m: Model, o: Options, c: _Ctx | None = None) -> int:
@@ -380,7 +449,7 @@ def decode_compute_bytes(m: Model, o: Options, c: _Ctx | None = None) -> int:
     c = c or _context(m, o)
     ub = c.n_ubatch
     full, swa = not all(m.swa_layers), any(m.swa_layers)
-    ffn = ub * 4 * (3 * m.n_ff + 3 * m.n_embd + m.n_head * m.head_dim_k)
+    ffn = ub * 4 * max(3 * m.n_ff + 3 * m.n_embd + m.n_head * m.head_dim_k, _moe_outputs(m))
     if o.fa:
         rows = _pad(ub, 64)
         cells = (c.n_ctx if full else 0) + (c.n_swa if swa else 0)
@@ -397,7 +466,8 @@ def process_bytes(m: Model) -> int:
     return RUNTIME_RSS + LLAMA_STATE_RSS + m.n_vocab * VOCAB_TOKEN_BYTES + m.n_merges * VOCAB_MERGE_BYTES
 
 
-def _offloaded(m: Model, o: Options, c: _Ctx, first_gpu: int, out_on_gpu: bool) -> tuple[int, int]:
+def _offloaded(m: Model, o: Options, c: _Ctx, first_gpu: int, out_on_gpu: bool,
+               moe_cpu: range = range(0)) -> tuple[int, int]:
     """(CUDA_Host, CUDA0) compute buffers when ggml-cuda runs the ubatch's ops on the GPU
     whatever n_gpu_layers is (n_ubatch >= CUDA_OFFLOAD_MIN_BATCH).
 
@@ -419,8 +489,13 @@ def _offloaded(m: Model, o: Options, c: _Ctx, first_gpu: int, out_on_gpu: bool) 
         hidden = m.n_embd if o.fa else 5 * m.n_embd // 2
         out_matrix = m.tied_bytes or m.output_bytes
         gpu = max(gpu, ub * 4 * (m.n_vocab + hidden) + out_matrix)
+    # routed experts kept in RAM (--cpu-moe) for blocks that run on the GPU: MUL_MAT_ID is
+    # offloaded too (its batch is the ubatch's tokens), so one whole 3-D expert tensor is copied in
+    moe_gpu = [il for il in moe_cpu if il >= first_gpu]
+    if len(cpu_blocks) or moe_gpu:
+        largest = max(m.largest_block_tensor(cpu_blocks), m.largest_expert_tensor(moe_gpu))
+        gpu = max(gpu, ub * 4 * (3 * m.n_ff + 2 * m.n_embd) + largest)
     if len(cpu_blocks):
-        gpu = max(gpu, ub * 4 * (3 * m.n_ff + 2 * m.n_embd) + m.largest_block_tensor(cpu_blocks))
         if o.fa:
             n_kv = c.n_ctx if not all(m.swa_layers) else c.n_swa
             # measured: n_gpu_layers 1, n_ctx 65536 -> CUDA0 compute 345.00 MiB = K + V of a
@@ -452,10 +527,15 @@ def memory(m: Model, hw: Hardware, o: Options, gpu_layers: int) -> tuple[Memory,
     out_on_gpu = gpu_layers >= 1
     cpu, gpu = Memory(), Memory()
     cpu.weights = m.embd_bytes
+    moe_cpu = m.moe_cpu_blocks(o)
+    moe_gpu = [il for il in moe_cpu if il >= first_gpu]  # experts in RAM, the rest on the GPU
     for il in range(m.n_layer):
         dev = gpu if il >= first_gpu else cpu
         dev.weights += m.layer_bytes[il]
         dev.kv += kv_layer_bytes(m, o, il, c)
+    moved = sum(m.expert_bytes[il] for il in moe_gpu)
+    gpu.weights -= moved
+    cpu.weights += moved
     out_dev = gpu if out_on_gpu else cpu
     out_dev.weights += m.output_bytes
     if not out_on_gpu:
@@ -463,17 +543,18 @@ def memory(m: Model, hw: Hardware, o: Options, gpu_layers: int) -> tuple[Memory,
     if o.mmap and gpu_layers:
         # the mapping spans from the first to the last CPU tensor in file order
         groups = {-1, *range(first_gpu)} | (set() if out_on_gpu else {-2})
-        span = m.mapped_span(groups)
+        span = m.mapped_span(groups, moe_gpu)
         if span is not None:
             cpu.weights = max(cpu.weights, span)
     cpu.output = _pad(output_bytes(m, o.n_seq), 32)
     if hw.vram > 0 and hw.backend == "cuda" and c.n_ubatch >= CUDA_OFFLOAD_MIN_BATCH:
-        cpu.compute, gpu.compute = _offloaded(m, o, c, first_gpu, out_on_gpu)
+        cpu.compute, gpu.compute = _offloaded(m, o, c, first_gpu, out_on_gpu, moe_cpu)
         gpu.overhead = GPU_OVERHEAD["cuda"]  # the CUDA context exists even with 0 layers
     elif gpu_layers:
         gpu.compute = compute_bytes(m, o, c, logits=True, attention=first_gpu < m.n_layer)
-        # the CPU still embeds tokens and holds what moves between devices
-        cpu.compute = compute_bytes(m, o, c, logits=False, attention=first_gpu > 0)
+        # the CPU still embeds tokens and holds what moves between devices (and runs the
+        # experts it keeps)
+        cpu.compute = compute_bytes(m, o, c, logits=False, attention=first_gpu > 0 or bool(moe_gpu))
         gpu.overhead = GPU_OVERHEAD.get(hw.backend, GPU_OVERHEAD["cuda"])
     else:
         cpu.compute = compute_bytes(m, o, c)
@@ -509,7 +590,8 @@ def plan(info_or_model, hardware: Hardware, options: Options = Options(), *,
     d = None
     if draft is not None:
         dm = draft if isinstance(draft, Model) else facts(draft)
-        d = plan(dm, hardware, replace(options, gpu_layers=options.gpu_layers and dm.n_layer + 1))
+        # --cpu-moe is the target's (llama.cpp has --cpu-moe-draft for a draft's experts)
+        d = plan(dm, hardware, replace(options, gpu_layers=options.gpu_layers and dm.n_layer + 1, n_cpu_moe=0))
         # one process: the runtime (interpreter, libraries) is counted once, with the target
         d.cpu.overhead = max(0, d.cpu.overhead - RUNTIME_RSS)
     hw = hardware
@@ -536,6 +618,10 @@ def plan(info_or_model, hardware: Hardware, options: Options = Options(), *,
     p = Plan(model=m.name, hardware=hardware, options=options, n_ctx=c.n_ctx, n_ctx_swa=c.n_swa,
              n_ubatch=c.n_ubatch, n_layer=m.n_layer, gpu_layers=n, cpu=cpu, gpu=gpu,
              verdict=verdict, fits=fits, kv_per_token=kv_tok, draft=d)
+    moe_gpu = [il for il in m.moe_cpu_blocks(options) if il >= m.n_layer + 1 - n] if n else []
+    p.moe_cpu_layers, p.moe_cpu_bytes = len(moe_gpu), sum(m.expert_bytes[il] for il in moe_gpu)
+    if options.n_cpu_moe and not any(m.expert_bytes):
+        p.notes.append("the model has no experts: --cpu-moe / --n-cpu-moe change nothing")
     if options.n_ctx > m.n_ctx_train:
         p.notes.append(f"context {options.n_ctx} is beyond the training context {m.n_ctx_train}")
     return p
@@ -584,6 +670,7 @@ def largest_context(info_or_model, hardware: Hardware, options: Options = Option
 class Suggestion:
     change: str
     plan: Plan
+    note: str = ""  # what else it gains (--cpu-moe: the largest context)
 
 
 def suggestions(m: Model, hardware: Hardware, options: Options, *, draft=None) -> list[Suggestion]:
@@ -609,9 +696,52 @@ def suggestions(m: Model, hardware: Hardware, options: Options, *, draft=None) -
                         tied_bytes=int(m.tied_bytes * 0.6))
         out.append(Suggestion("a quant ~40% smaller (e.g. Q4_K_M instead of Q8_0, Q3_K_M instead of Q4_K_M)",
                               plan(small, hardware, options, draft=draft)))
+    moe = _cpu_moe_suggestions(m, hardware, options, base, draft=draft)
     if not base.fits:
-        return [s for s in out if s.plan.fits] or out
-    return [s for s in out if s.plan.fits and s.plan.gpu_layers > base.gpu_layers]
+        return moe + ([s for s in out if s.plan.fits] or out)
+    return moe + [s for s in out if s.plan.fits and s.plan.gpu_layers > base.gpu_layers]
+
+
+def _cpu_moe_suggestions(m: Model, hardware: Hardware, options: Options, base: Plan, *,
+                         draft=None) -> list[Suggestion]:
+    """For a MoE model that does not fit the GPU whole: its routed experts in RAM, the rest on
+    the GPU (--cpu-moe), and the fewest blocks whose experts must stay in RAM for every layer
+    to go to the GPU (--n-cpu-moe N), where that fits with more layers on the GPU or a longer
+    largest context than ``options`` give."""
+    if hardware.vram <= 0 or not any(m.expert_bytes) or options.n_cpu_moe == ALL_LAYERS:
+        return []
+    if base.fits and base.verdict == "gpu":
+        return []
+    auto = replace(options, gpu_layers=None)
+    every = m.n_layer + 1
+
+    def all_on_gpu(n: int) -> Plan:
+        return plan(m, hardware, replace(auto, n_cpu_moe=n), draft=draft)
+
+    tries = [("--cpu-moe", replace(auto, n_cpu_moe=ALL_LAYERS))]
+    lo, hi = max(options.n_cpu_moe, 0), m.n_layer  # the fewest N with every layer on the GPU
+    top = all_on_gpu(hi)
+    if top.fits and top.gpu_layers == every:
+        while lo < hi:
+            mid = (lo + hi) // 2
+            p = all_on_gpu(mid)
+            if p.fits and p.gpu_layers == every:
+                hi = mid
+            else:
+                lo = mid + 1
+        if 0 < hi < m.n_layer:
+            tries.append((f"--n-cpu-moe {hi}", replace(auto, n_cpu_moe=hi)))
+    base_ctx = largest_context(m, hardware, options, draft=draft)
+    out = []
+    for change, o in tries:
+        p = plan(m, hardware, o, draft=draft)
+        if not p.fits:
+            continue
+        ctx = largest_context(m, hardware, o, draft=draft)
+        if p.gpu_layers <= base.gpu_layers and ctx <= base_ctx:
+            continue
+        out.append(Suggestion(change, p, f"largest context {ctx:,} (now {base_ctx:,})" if ctx > base_ctx else ""))
+    return out
 
 
 # ----------------------------------------------------------------------------------------------
