@@ -42,13 +42,16 @@ def fingerprint(path: Path) -> str:
     return model_identity(Path(path), read_gguf(path).data_offset)
 
 
-def machine() -> dict:
-    """What makes two machines' speeds comparable: processor, cores, memory, GPUs."""
+def machine(rpc=()) -> dict:
+    """What makes two machines' speeds comparable: processor, cores, memory, GPUs, and the RPC
+    workers the layers went to (a run over workers is compared with runs over the same ones)."""
     from infer_cli.plan import hardware
 
     mi = hardware.detect(llama=False)
     d = {"cpu": mi.cpu_model, "physical_cores": mi.physical_cores, "logical_cores": mi.logical_cores,
          "ram_gib": round(mi.ram_total / (1 << 30)), "gpus": [g.name for g in mi.gpus]}
+    if rpc:
+        d["rpc"] = [str(e) for e in rpc]
     d["key"] = hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()[:10]
     return d
 

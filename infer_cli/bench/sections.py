@@ -21,7 +21,7 @@ from typing import Callable, Iterator
 
 from infer_cli.bench import SECTIONS
 from infer_cli.bench import measure as M
-from infer_cli.errors import InferError, human_bytes
+from infer_cli.errors import InferError, WorkerBusy, WorkerLost, WorkerUnreachable, human_bytes
 
 DEFAULT_QUANTS = ("F16", "Q8_0", "Q4_K_M", "Q2_K")
 KV_TYPES = ("f16", "q8_0", "q4_0")
@@ -35,6 +35,8 @@ QUANT_S_PER_PARAM = 2.5e-8
 # The KV section's quality run holds every position's logits (llama.cpp's output buffer, the
 # log-probabilities and a copy): at most this share of the available RAM.
 QUALITY_RAM_SHARE = 0.3
+# With --rpc: a worker gone ends the bench (the others would only find it gone too).
+_WORKER_ERRORS = (WorkerBusy, WorkerLost, WorkerUnreachable)
 
 # (progress) description of the current step, estimated seconds done, estimated seconds in all
 Progress = Callable[[str, float, float], None]
@@ -77,6 +79,7 @@ class Settings:
     no_draft: str | None = None       # why there is no draft model
     eval_text: str | None = None
     cache_dir: Path | None = None     # where the temporary quants are made
+    rpc: tuple[str, ...] = ()         # RPC workers (HOST:PORT) the offloaded layers go to
 
 
 @dataclass
@@ -143,8 +146,13 @@ class Bench:
         if s.ctx and self.info.context_length and s.ctx > self.info.context_length:
             self.notes.append(f"--ctx {s.ctx} is beyond the model's training context "
                               f"({self.info.context_length})")
-        base = Options(n_ctx=_pad(self.sizes.pp + self.sizes.tg + 16), threads=s.threads)
+        base = Options(n_ctx=_pad(self.sizes.pp + self.sizes.tg + 16), threads=s.threads,
+                       rpc=tuple(s.rpc))
+        # with workers: probed, and the layers split over their devices (every load below)
         self.base = settle(base, self.info)
+        if s.rpc:
+            self.notes.append(f"over RPC workers {', '.join(s.rpc)}: speeds include the network; "
+                              "quality references and memory figures are computed on this machine")
         self.src_type = self.info.file_type_name or "unknown"
         self.src_qt = lookup(self.src_type)
         self.src_bpw = self.src_qt.bpw if self.src_qt else (self.info.bits_per_weight or 16.0)
@@ -329,6 +337,8 @@ class Bench:
             except Skip as e:
                 sec.status, sec.reason = "skipped", str(e)
             except InferError as e:
+                if self.s.rpc and isinstance(e, _WORKER_ERRORS):  # the workers are gone: the bench too
+                    raise
                 sec.status, sec.reason = "skipped", str(e)
             except Exception as e:  # noqa: BLE001 - one section failing must not cost the others
                 if os.environ.get("INFER_DEBUG"):

@@ -76,7 +76,6 @@ def batch(
 def _batch_locked(out, json_mode, model_ref, source, output_path, to_stdout, opts, parallel,
                   skip_bad, no_share, raw, sampling_args, ignore_eos, revision) -> None:
     from infer_cli.engine import batch as jobs_lib
-    from infer_cli.engine import runner as engine_runner
     from infer_cli.models import store
 
     done = set() if to_stdout else _check_output(Path(output_path))
@@ -92,7 +91,22 @@ def _batch_locked(out, json_mode, model_ref, source, output_path, to_stdout, opt
         resolved = store.resolve(model_ref, revision=revision, progress=progress)
     store.touch(resolved)
     sampling = sampling_args.sampling(resolved.entry)
-    engine = engine_runner.BatchEngine.load(resolved, opts, share_prefixes=not no_share)
+    from infer_cli.engine.isolated import IsolatedBatch, batch_engine
+
+    # with RPC workers the engine runs in a child process: a worker that dies cannot abort this one
+    engine = batch_engine(resolved, opts, share_prefixes=not no_share)
+    try:
+        _run_loaded(out, json_mode, engine, jobs, todo, output_path, to_stdout, sampling_args,
+                    sampling, raw, ignore_eos)
+    finally:
+        if isinstance(engine, IsolatedBatch):
+            engine.close()
+
+
+def _run_loaded(out, json_mode, engine, jobs, todo, output_path, to_stdout, sampling_args,
+                sampling, raw, ignore_eos) -> None:
+    from infer_cli.engine import batch as jobs_lib
+
     for note in engine.notes:
         out.info(f"[yellow]note:[/] {note}")
     defaults = jobs_lib.Defaults(sampling, sampling_args.max_tokens, sampling_args.stops,
@@ -109,16 +123,44 @@ def _batch_locked(out, json_mode, model_ref, source, output_path, to_stdout, opt
             else:
                 sink.write_line(json.dumps(rec, ensure_ascii=False))
 
+        sched = _Watched(engine.scheduler)
         with _progress(out, len(todo)) as tick:
-            summary = jobs_lib.run_jobs(engine.scheduler, engine.model, engine.template, todo,
+            summary = jobs_lib.run_jobs(sched, engine.model, engine.template, todo,
                                         defaults, write=write, progress=tick)
     finally:
         if not to_stdout:
             sink.close()
+    if sched.lost is not None:  # every finished line is written; a rerun completes the rest
+        raise sched.lost
     summary.skipped = len(jobs) - len(todo)
     _report(out, summary, engine, json_mode and not to_stdout)
     if summary.interrupted:
         raise typer.Exit(130)
+
+
+class _WorkerGone(KeyboardInterrupt):
+    """A lost RPC worker ends the run the way Ctrl-C does: ``run_jobs`` writes every finished
+    line and cancels the rest; the command then reports the worker."""
+
+
+class _Watched:
+    """The scheduler, with a lost worker (the engine's child process died) turned into
+    ``_WorkerGone`` and kept in ``lost``."""
+
+    def __init__(self, sched):
+        self._sched, self.lost = sched, None
+
+    def __getattr__(self, name):
+        return getattr(self._sched, name)
+
+    def step(self):
+        from infer_cli.errors import WorkerLost
+
+        try:
+            return self._sched.step()
+        except WorkerLost as e:
+            self.lost = e
+            raise _WorkerGone() from None
 
 
 def _lines(source: str):

@@ -9,7 +9,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from infer_cli.cli.options import CtxOpt, JsonOpt, ModelArg, RevisionOpt, ThreadsOpt
+from infer_cli.cli.options import CtxOpt, JsonOpt, ModelArg, RevisionOpt, RpcOpt, ThreadsOpt
 
 SECTION_NAMES = ("precision", "kv", "flash-attn", "batching", "speculative")
 
@@ -44,6 +44,7 @@ def bench_cmd(
     plot: Annotated[Optional[Path], typer.Option(
         "--plot", help="Draw quality against size and speed, and batching throughput, to "
         "FILE.png or FILE.svg (needs matplotlib: infer-cli[plot]).", show_default=False)] = None,
+    rpc: RpcOpt = None,
     show: Annotated[bool, typer.Option(
         "--show", help="Print the last saved result for this model, machine and llama.cpp build "
         "without measuring.")] = False,
@@ -54,10 +55,12 @@ def bench_cmd(
     flash attention, batching and speculative decoding; speed gain, quality impact, memory."""
     from infer_cli.bench import plot as plotting
     from infer_cli.bench import results
+    from infer_cli.cli.options import parse_rpc
     from infer_cli.cli.output import output
     from infer_cli.errors import BadOption
 
     out = output(json_mode)
+    endpoints = parse_rpc(rpc)
     sections = _parse_only(only)
     if reps is not None and reps < 1:
         raise BadOption("--reps", str(reps), "1 or more")
@@ -67,8 +70,10 @@ def bench_cmd(
 
     with out.transfer() as progress:
         resolved = store.resolve(model, revision=revision, progress=progress)
+    if not endpoints and resolved.entry is not None:  # the workers models.toml names for it
+        endpoints = tuple(getattr(resolved.entry, "rpc", ()) or ())
     fp = results.fingerprint(resolved.path)
-    machine, build = results.machine(), results.build()
+    machine, build = results.machine(endpoints), results.build()
     if show:
         doc, path = results.last(fp, machine["key"], build["key"], any_machine=True)
         if doc is None:
@@ -81,7 +86,8 @@ def bench_cmd(
         return
     raise typer.Exit(_measure(out, resolved, fp, machine, build, sections=sections, quick=quick,
                               reps=reps, ctx=ctx, threads=threads, quants=quants, draft=draft,
-                              eval_text_path=eval_text, plot=plot, json_mode=json_mode))
+                              eval_text_path=eval_text, plot=plot, json_mode=json_mode,
+                              rpc=endpoints))
 
 
 def _parse_only(only: str | None) -> tuple[str, ...]:
@@ -105,7 +111,7 @@ def _parse_only(only: str | None) -> tuple[str, ...]:
 
 
 def _measure(out, resolved, fp, machine, build, *, sections, quick, reps, ctx, threads, quants,
-             draft, eval_text_path, plot, json_mode) -> int:
+             draft, eval_text_path, plot, json_mode, rpc=()) -> int:
     from infer_cli.bench import results
     from infer_cli.bench.sections import DEFAULT_QUANTS, Bench, Settings
     from infer_cli.models import store
@@ -134,9 +140,28 @@ def _measure(out, resolved, fp, machine, build, *, sections, quick, reps, ctx, t
     settings = Settings(model=resolved.path, name=resolved.name, quick=quick,
                         reps=reps or (1 if quick else 3), ctx=ctx, threads=threads, quants=qnames,
                         only=sections, draft=draft_path, draft_name=draft_name, no_draft=no_draft,
-                        eval_text=text, cache_dir=results.quant_cache(fp))
+                        eval_text=text, cache_dir=results.quant_cache(fp), rpc=tuple(rpc))
     started = time.time()
-    bench = Bench(settings)
+    if rpc:  # measured in a child process: a worker that dies cannot abort this one
+        from infer_cli.bench.isolated import IsolatedBench
+
+        bench = IsolatedBench(settings)
+    else:
+        bench = Bench(settings)
+    try:
+        return _measured(out, bench, resolved, fp, machine, build, sections=sections, quick=quick,
+                         threads=threads, qnames=qnames, draft_path=draft_path,
+                         eval_text_path=eval_text_path, plot=plot, json_mode=json_mode,
+                         started=started, rpc=rpc)
+    finally:
+        if rpc:
+            bench.close()
+
+
+def _measured(out, bench, resolved, fp, machine, build, *, sections, quick, threads, qnames,
+              draft_path, eval_text_path, plot, json_mode, started, rpc) -> int:
+    from infer_cli.bench import results
+
     out.info(f"[dim]calibrating {resolved.name}…[/]")
     est = bench.estimate()
     total = sum(est.values())
@@ -174,7 +199,8 @@ def _measure(out, resolved, fp, machine, build, *, sections, quick, reps, ctx, t
     settings_doc = {"quick": quick, "reps": bench.reps, "ctx": bench.ctx,
                     "threads": threads or bench.base.threads or default_threads(), "quants": list(qnames),
                     "only": list(sections), "draft": str(draft_path) if draft_path else None,
-                    "eval_text": str(eval_text_path) if eval_text_path else "default"}
+                    "eval_text": str(eval_text_path) if eval_text_path else "default",
+                    "rpc": list(rpc)}
     doc = results.document(model=model_info, machine_info=machine, build_info=build,
                            settings=settings_doc, sections=dicts, started=started,
                            interrupted=interrupted, notes=bench.notes, estimate_s=round(total, 1))

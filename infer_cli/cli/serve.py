@@ -53,7 +53,7 @@ def serve(
     GET /metrics. --ctx is the KV cache shared by the --parallel sequences, as in `infer batch`.
     The sampling options are defaults that each request may override."""
     from infer_cli.cli.output import output
-    from infer_cli.engine import runner as engine_runner
+    from infer_cli.engine.isolated import batch_engine
     from infer_cli.models import store
 
     if parallel < 1:
@@ -96,8 +96,8 @@ def serve(
 
     def load() -> None:
         try:
-            engine = engine_runner.BatchEngine.load(resolved, opts, share_prefixes=not no_share,
-                                                     keep_idle=True)
+            # with RPC workers, in a child process: a worker that dies cannot abort the server
+            engine = batch_engine(resolved, opts, share_prefixes=not no_share, keep_idle=True)
         except Exception as e:  # noqa: BLE001 - reported below, after the server has stopped
             failure.append(e)
             state.failed(str(e))

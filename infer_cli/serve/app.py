@@ -26,7 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from infer_cli.engine.json_schema import JSON_OBJECT_GBNF, UnsupportedSchema, to_gbnf
 from infer_cli.engine.sampling import Sampling
 from infer_cli.serve import protocol as P
-from infer_cli.serve.engine import QueueFull, ServeEngine, ShuttingDown
+from infer_cli.serve.engine import (WORKER_LOST, IsolatedServeEngine, QueueFull, ServeEngine,
+                                    ShuttingDown, Unavailable)
 from infer_cli.serve.metrics import CONTENT_TYPE_LATEST, Metrics
 
 MAX_BODY = 8 * 1024 * 1024
@@ -67,8 +68,12 @@ class Settings:
     log: Callable[[str], None] | None = None   # one line per request
 
 
+RETRY_AFTER_LOST = "2"  # seconds: the workers are probed at most this far apart while reconnecting
+
+
 class Server:
-    """The app's state: loading, then ok (with an engine) or error."""
+    """The app's state: loading, then ok (with an engine) or error; with RPC workers, ok and
+    reconnecting (a worker was lost, the engine reloads the model when it is back) in turn."""
 
     def __init__(self, settings: Settings):
         self.settings = settings
@@ -86,15 +91,23 @@ class Server:
         self.bos, self.eos = model.bos_text, model.eos_text
         self.model, self.template = model, batch_engine.template
         self.n_ctx = batch_engine.context.n_ctx
-        self.engine = ServeEngine(batch_engine, queue_limit=self.settings.queue_limit,
-                                  metrics=self.metrics)
+        if hasattr(batch_engine, "restart"):  # the engine in a child process (RPC workers)
+            self.engine = IsolatedServeEngine(batch_engine, queue_limit=self.settings.queue_limit,
+                                              metrics=self.metrics, on_state=self._engine_state,
+                                              log=self.settings.log)
+        else:
+            self.engine = ServeEngine(batch_engine, queue_limit=self.settings.queue_limit,
+                                      metrics=self.metrics)
         self.metrics.attach(self.engine, self.n_ctx)
+        self.status = "ok"  # before the engine runs: a child lost at once says so after this
         self.engine.start()
-        self.status = "ok"
         return self.engine
 
     def failed(self, message: str) -> None:
         self.status, self.error = "error", message
+
+    def _engine_state(self, status: str, reason: str | None) -> None:
+        self.status, self.error = status, reason
 
     def require(self) -> ServeEngine:
         if self.status == "loading":
@@ -103,7 +116,14 @@ class Server:
         if self.engine is None:
             raise APIError(503, f"the model failed to load: {self.error}", "server_error",
                            code="model_failed")
+        if self.status == "reconnecting":
+            raise _worker_lost(self.error)
         return self.engine
+
+
+def _worker_lost(reason: str | None) -> APIError:
+    return APIError(503, f"the engine is reconnecting to its RPC workers: {reason}", "server_error",
+                    code=WORKER_LOST, headers={"Retry-After": RETRY_AFTER_LOST})
 
 
 # --- middleware (plain ASGI: they see every request, the streamed ones too) ---------------------
@@ -218,6 +238,9 @@ def create_app(settings: Settings) -> FastAPI:
             return {"status": "ok"}
         if server.status == "loading":
             return JSONResponse({"status": "loading"}, status_code=503, headers={"Retry-After": "5"})
+        if server.status == "reconnecting":
+            return JSONResponse({"status": "reconnecting", "error": server.error}, status_code=503,
+                                headers={"Retry-After": RETRY_AFTER_LOST})
         return JSONResponse({"status": "error", "error": server.error}, status_code=500)
 
     @app.get("/")
@@ -464,6 +487,8 @@ async def _answer(request: Request, server: Server, engine: ServeEngine, body, r
                        headers={"Retry-After": "1"}) from None
     except ShuttingDown:
         raise APIError(503, "the server is shutting down", "server_error", code="shutting_down") from None
+    except Unavailable as e:
+        raise _worker_lost(e.reason) from None
     note = request.scope.get("infer.note", {})
     meta = {"id": P.new_id("chatcmpl" if chat else "cmpl"), "created": P.now(),
             "model": server.settings.model_id}
@@ -480,6 +505,8 @@ async def _answer(request: Request, server: Server, engine: ServeEngine, body, r
     note["tokens"] = _token_note(results)
     failed = [r for r in results if r["finish_reason"] == "error"]
     if failed:
+        if failed[0].get("code") == WORKER_LOST:
+            raise _worker_lost(failed[0]["error"])
         raise APIError(500, f"generation failed: {failed[0]['error']}", "server_error")
     choices = []
     for i, r in enumerate(results):
@@ -579,7 +606,8 @@ async def _stream(engine, handles, sink, meta, chat: bool, include_usage: bool, 
             results[idx] = res
             left -= 1
             if res["finish_reason"] == "error":
-                yield _sse(P.error_body(f"generation failed: {res['error']}", "server_error"))
+                yield _sse(P.error_body(f"generation failed: {res['error']}", "server_error",
+                                        code=res.get("code")))
                 continue
             yield _sse(chunk(idx, None, P.finish_reason(res["finish_reason"]),
                              {"timings": P.timings(res)}, lps))

@@ -9,6 +9,10 @@ boundary and its KV cells are freed at once.
 
 Admission is bounded: ``parallel`` sequences run and at most ``queue_limit`` more wait; past
 that a request is refused (the app answers 503 with Retry-After) instead of queueing without end.
+
+With RPC workers, ``IsolatedServeEngine`` takes this thread's place: the scheduler runs in a child
+process (``engine.isolated.IsolatedBatch``), this side reads its events, and a child that dies
+(its worker gone) fails what was in flight and is started again once the workers answer.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ class Handle:
         self.cancelled = False
         self.error: str | None = None  # set when the engine itself failed under it
         self.seq = None                # set by the engine thread
+        self.key = -1                  # the child's name for it (IsolatedServeEngine)
 
 
 def result(seq, error: str | None = None) -> dict:
@@ -213,3 +218,199 @@ class ServeEngine:
             snap.prefill_tps = (prompt - p0) / (now - t0)
             snap.decode_tps = (generated - d0) / (now - t0)
             self._rate_mark = (now, prompt, generated)
+
+
+class Unavailable(Exception):
+    """The engine lost its RPC worker and is reconnecting: no work until it is back."""
+
+    def __init__(self, reason: str):
+        super().__init__(reason)
+        self.reason = reason
+
+
+WORKER_LOST = "worker_lost"  # the error code of what a lost worker ended
+
+
+class IsolatedServeEngine:
+    """``ServeEngine``'s interface over an ``engine.isolated.IsolatedBatch``: the scheduler runs
+    in a child process, so that llama.cpp aborting there (an RPC worker stopped answering)
+    cannot take the server down.
+
+    This thread reads the child's events and hands them to the requests' sinks. When the child
+    dies, every request in flight ends with an error (``code`` WORKER_LOST), ``on_state`` hears
+    "reconnecting" with the reason and new requests are refused (``Unavailable``); the workers
+    are probed with the Python handshake, with a backoff up to ``MAX_BACKOFF_S``, and as soon as
+    every one answers, a new child loads the model; then "ok" again. Only with --rpc: the pipe
+    costs a hop per token.
+
+    A worker that dies while nothing runs is noticed by the next request (which gets the error):
+    a connection to a worker that serves this server would wait in its one-deep accept queue."""
+
+    MAX_BACKOFF_S = 4.0
+
+    def __init__(self, batch, *, queue_limit: int, metrics=None, on_state=None, log=None):
+        self.batch = batch
+        self.parallel = batch.context.n_seq
+        self.capacity = self.parallel + max(0, queue_limit)
+        self.metrics = metrics
+        self.snapshot = Snapshot()
+        self.on_state = on_state or (lambda status, reason: None)
+        self.log = log or (lambda line: None)
+        self.lost: str | None = None  # why, while reconnecting
+        self._lock = threading.Lock()
+        self._handles: dict[int, Handle] = {}
+        self._next = 0
+        self._stopping = False
+        self._exit = False
+        self._wake = threading.Event()
+        self._timer: threading.Timer | None = None
+        self._rate_mark = (time.perf_counter(), 0, 0)
+        self.thread = threading.Thread(target=self._loop, name="infer-engine", daemon=True)
+
+    # the HTTP side ----------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.thread.start()
+
+    def submit(self, reqs: list, sink, loop) -> list[Handle]:
+        from infer_cli.engine.isolated import RemoteSequence
+
+        with self._lock:
+            if self._stopping:
+                raise ShuttingDown()
+            if self.lost is not None:
+                raise Unavailable(self.lost)
+            if len(self._handles) + len(reqs) > self.capacity:
+                raise QueueFull()
+            handles = [Handle(i, r, sink, loop) for i, r in enumerate(reqs)]
+            for h in handles:
+                h.key, self._next = self._next, self._next + 1
+                h.seq = RemoteSequence(h.key, h, h.req)
+                self._handles[h.key] = h
+            for h in handles:  # a dead child: this thread fails them when it reads the end
+                self.batch.post("submit", h.key, h.req)
+        return handles
+
+    def cancel(self, handles: list[Handle]) -> None:
+        for h in handles:
+            h.cancelled = True
+            if h.key in self._handles:
+                self.batch.post("cancel", h.key)
+
+    @property
+    def in_flight(self) -> int:
+        return len(self._handles)
+
+    def drain(self, grace_s: float) -> None:
+        with self._lock:
+            self._stopping = True
+        if self._timer is not None:
+            self._timer.cancel()
+        self._timer = threading.Timer(max(0.0, grace_s), self._cancel_all)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self.drain(0.0)
+        deadline = time.perf_counter() + timeout
+        while self._handles and self.lost is None and time.perf_counter() < deadline:
+            time.sleep(0.05)
+        self._exit = True
+        self._wake.set()
+        self.batch.end()
+        if self.thread.is_alive():
+            self.thread.join(max(0.1, deadline - time.perf_counter()))
+
+    def _cancel_all(self) -> None:
+        self.cancel(list(self._handles.values()))
+
+    # this thread ------------------------------------------------------------------------------
+
+    def _loop(self) -> None:
+        while not self._exit:
+            try:
+                msg = self.batch.next_event()
+            except Exception as e:  # noqa: BLE001 - the child is gone (WorkerLost, a torn message)
+                if self._exit:
+                    return
+                self._fail_all(str(e) or type(e).__name__)
+                if not self._reconnect():
+                    return
+                continue
+            kind = msg[0]
+            if kind == "stats":
+                self._publish()
+                continue
+            h = self._handles.get(msg[1])
+            if h is None:
+                continue
+            if kind == "text":
+                h.seq.took(*msg[2:])
+                _push(h, (h.index, msg[2], None, h.seq.new_logprobs()))
+            elif kind == "done":
+                h.seq.ended(msg[2])
+                with self._lock:
+                    self._handles.pop(h.key, None)
+                self._finished(h, result(h.seq))
+
+    def _finished(self, h: Handle, res: dict) -> None:
+        if self.metrics is not None:
+            self.metrics.finished(res)
+        _push(h, (h.index, None, res, h.seq.new_logprobs()))
+
+    def _fail_all(self, reason: str) -> None:
+        """The child died: every request in flight ends with the reason; refuse new ones."""
+        with self._lock:
+            self.lost = reason
+            handles = list(self._handles.values())
+            self._handles.clear()
+        self.snapshot = Snapshot()
+        self.log(f"engine lost: {reason}; answering 503 until the workers are back")
+        self.on_state("reconnecting", reason)
+        for h in handles:
+            res = result(h.seq, reason)
+            res["code"] = WORKER_LOST
+            self._finished(h, res)
+
+    def _reconnect(self) -> bool:
+        """Probe the workers until all answer, then load the model in a new child."""
+        from infer_cli.engine import rpc
+
+        delay = 0.25
+        while not self._exit:
+            try:
+                rpc.probe_all(self.batch.endpoints, timeout=2.0)
+                batch = self.batch.restart()
+            except Exception:  # noqa: BLE001 - not back yet (unreachable, busy, a failed load)
+                self._wake.wait(delay)
+                delay = min(delay * 2, self.MAX_BACKOFF_S)
+                continue
+            if self._exit:
+                batch.end()
+                return False
+            self.batch = batch
+            self.snapshot = Snapshot()
+            self._rate_mark = (time.perf_counter(), 0, 0)
+            with self._lock:
+                self.lost = None
+            self.log(f"engine back: the model is loaded again over {', '.join(batch.endpoints)}")
+            self.on_state("ok", None)
+            return True
+        return False
+
+    def _publish(self) -> None:
+        st = self.batch.stats
+        snap = self.snapshot
+        snap.running, snap.waiting = st.running, st.waiting
+        snap.kv_used, snap.kv_cached = st.kv_used, st.kv_cached
+        now = time.perf_counter()
+        t0, p0, d0 = self._rate_mark
+        if now - t0 >= ServeEngine.RATE_WINDOW_S:
+            prompt, generated = st.prompt_tokens, st.decoded_tokens - st.prompt_tokens
+            snap.prefill_tps = (prompt - p0) / (now - t0)
+            snap.decode_tps = (generated - d0) / (now - t0)
+            self._rate_mark = (now, prompt, generated)
+
+
+def _push(h: Handle, item: Any) -> None:
+    ServeEngine._push(h, item)
