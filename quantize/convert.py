@@ -5,7 +5,16 @@ output, so memory stays near the size of the largest tensor. Supported so far: t
 family (Llama 2/3/3.1+ with llama3 rope scaling, Mistral, SmolLM; a SentencePiece tokenizer.model,
 as Llama 2 and Mistral v0.1 have, is taken over tokenizer.json as llama.cpp's converter does),
 Qwen2 / Qwen2.5 / Qwen3 with byte-level BPE tokenizers, and Gemma 2 / Gemma 3 (text) with their
-SentencePiece tokenizer.model.
+SentencePiece tokenizer.model. A multimodal Gemma 3 (Gemma3ForConditionalGeneration) converts as
+its text model: text_config over the top level with the defaults transformers fills in, tensors
+under ``language_model.`` renamed, the vision tower and projector left out with a note.
+
+Mixtures of experts: Qwen2-MoE (with its sigmoid-gated shared expert), Qwen3-MoE and Mixtral.
+moe.py checks the expert tensors against config.json and stacks each layer's per-expert matrices
+into llama.cpp's 3-D ``ffn_{gate,up,down}_exps``, loaded one stacked tensor at a time (so memory
+stays near the largest stacked tensor); routers stay F32 at every output type. Phi-3 / Phi-4
+(phi3.py): fused qkv and gate_up as they are, partial rotary, longrope's long and short factor
+tensors.
 """
 
 from __future__ import annotations
@@ -36,11 +45,30 @@ FAMILIES = {
     "MistralForCausalLM": Family("llama", True),
     "Qwen2ForCausalLM": Family("qwen2", False),
     "Qwen3ForCausalLM": Family("qwen3", False),   # Qwen2 plus per-head q_norm / k_norm, no qkv bias
+    # mixtures of experts (quantize/moe.py stacks the per-expert tensors)
+    "Qwen2MoeForCausalLM": Family("qwen2moe", False),  # plus a shared expert with a sigmoid gate
+    "Qwen3MoeForCausalLM": Family("qwen3moe", False),
+    "MixtralForCausalLM": Family("llama", True),
+    "Phi3ForCausalLM": Family("phi3", False),     # Phi-3 and Phi-4: fused qkv and gate_up (quantize/phi3.py)
     "Gemma2ForCausalLM": Family("gemma2", False, 1.0),
     "Gemma3ForCausalLM": Family("gemma3", False, 1.0),
+    "Gemma3ForConditionalGeneration": Family("gemma3", False, 1.0),  # its text model only
 }
 
 GEMMA = ("gemma2", "gemma3")
+
+# Multimodal checkpoints whose text model is converted alone: the keys their config.json nests in
+# text_config, with what transformers' text config class fills in where a key is absent
+# (gemma-3-4b-it names six). The vision tower and projector would make a separate mmproj GGUF.
+MULTIMODAL_TEXT_DEFAULTS = {
+    "Gemma3ForConditionalGeneration": {
+        "vocab_size": 262208, "hidden_size": 2304, "intermediate_size": 9216, "num_hidden_layers": 26,
+        "num_attention_heads": 8, "num_key_value_heads": 4, "head_dim": 256,
+        "max_position_embeddings": 131072, "rms_norm_eps": 1e-6, "query_pre_attn_scalar": 256,
+        "sliding_window": 4096, "sliding_window_pattern": 6, "rope_local_base_freq": 10000.0},
+}
+_VISION_PREFIXES = ("vision_tower.", "multi_modal_projector.", "model.vision_tower.",
+                    "model.multi_modal_projector.")
 
 
 def supported() -> list[str]:
@@ -85,6 +113,60 @@ def family_of(config: dict) -> Family:
     return fam
 
 
+def multimodal_arch(config) -> str | None:
+    """The class name of a multimodal checkpoint whose text model alone is converted, else None."""
+    archs = config.get("architectures") if isinstance(config, dict) else None
+    if isinstance(archs, list) and archs and archs[0] in MULTIMODAL_TEXT_DEFAULTS:
+        return archs[0]
+    return None
+
+
+def text_config(path: Path, config):
+    """config.json as the text model sees it: a multimodal checkpoint's text_config over its top
+    level (as llama.cpp's converter merges them) with the defaults its config class fills in;
+    any other config unchanged."""
+    arch = multimodal_arch(config)
+    if arch is None:
+        return config
+    nested = config.get("text_config") or {}
+    if not isinstance(nested, dict):
+        raise BadCheckpoint(str(path), "text_config must be an object")
+    top = {k: v for k, v in config.items() if k not in ("text_config", "vision_config")}
+    return {**top, **MULTIMODAL_TEXT_DEFAULTS[arch], **nested, "architectures": [arch]}
+
+
+def multimodal_note(config) -> str | None:
+    """What converting a multimodal checkpoint leaves out, or None for a text model."""
+    arch = multimodal_arch(config)
+    if arch is None:
+        return None
+    return (f"{arch} is a vision-language model: only its text model is converted; the vision "
+            "tower and multimodal projector are left out (they would make a separate mmproj GGUF)")
+
+
+def checkpoint_notes(folder: Path) -> list[str]:
+    """Notes about converting ``folder`` a person should see before it starts (from config.json
+    alone; a folder the converter will refuse has none)."""
+    path = Path(folder) / "config.json"
+    try:
+        raw = _json(path)
+        check_config(path, text_config(path, raw))
+        note = multimodal_note(raw)
+    except BadCheckpoint:
+        return []
+    return [note] if note else []
+
+
+def _text_tensor_name(hf: str, multimodal: bool) -> str | None:
+    """A multimodal checkpoint's tensor under its text model's name (``language_model.model.*``
+    and ``model.language_model.*`` both become ``model.*``), None for the vision side's."""
+    if not multimodal:
+        return hf
+    if hf.startswith(_VISION_PREFIXES):
+        return None
+    return hf.replace("language_model.", "", 1)
+
+
 # --- tensors ----------------------------------------------------------------------------------
 
 def _permute(w, n_head: int):
@@ -100,8 +182,10 @@ def _plan_tensors(refs: dict[str, TensorRef], fam: Family, config: dict) -> list
     n_layers = int(config["num_hidden_layers"])
     names = gguf.get_tensor_name_map(gguf.MODEL_ARCH[fam.arch.upper()], n_layers)
     plan = []
-    for hf, ref in refs.items():
-        if hf.endswith("rotary_emb.inv_freq"):
+    multimodal = multimodal_arch(config) is not None
+    for hf_name, ref in refs.items():
+        hf = _text_tensor_name(hf_name, multimodal)
+        if hf is None or hf.endswith("rotary_emb.inv_freq"):
             continue
         if hf == "lm_head.weight" and (config.get("tie_word_embeddings") or fam.arch in GEMMA):
             continue  # llama.cpp's Gemma graphs always use the embedding as the output
@@ -172,13 +256,18 @@ def _transform(name: str, hf: str, data, fam: Family, config: dict):
     return data
 
 
+# Kept in F32 at every output type, as llama.cpp's converter and quantizer keep them: a rounded
+# router can pick other experts.
+_F32_ALWAYS = ("ffn_gate_inp.weight", "ffn_gate_inp_shexp.weight")
+
+
 def _encode(data, out_type: str, name: str):
     """(array to write, ggml type) for one tensor; 1-D tensors stay F32, as llama.cpp keeps them."""
     import gguf
     import numpy as np
 
     T = gguf.GGMLQuantizationType
-    if data.ndim <= 1 or out_type == "F32":
+    if data.ndim <= 1 or out_type == "F32" or name.endswith(_F32_ALWAYS):
         return np.ascontiguousarray(data, dtype=np.float32), T.F32
     if out_type == "F16":
         return np.ascontiguousarray(data.astype(np.float16)), T.F16
@@ -252,17 +341,28 @@ def _convert(folder: Path, dst: Path, out_type: str, name: str | None,
              progress: Callable[[int, int], None] | None) -> QuantResult:
     import gguf
 
-    config = _json(folder / "config.json")
+    raw_config = _json(folder / "config.json")
+    config = text_config(folder / "config.json", raw_config)
     check_config(folder / "config.json", config)
     fam = family_of(config)
     refs = tensor_refs(folder)
+    from . import moe, phi3
+
+    refs = moe.stack_experts(refs, config, str(folder))
+    if fam.arch == "phi3":
+        phi3.check_tensors(refs, config, str(folder))
     plan = _plan_tensors(refs, fam, config)
     if fam.arch == "llama" and rope_params(config).get("rope_type", "").lower() == "llama3":
         plan.append(("rope_freqs.weight", Extra("rope_freqs", llama3_rope_factors(config))))
+    if fam.arch == "phi3":
+        plan += [(n, Extra(n.removesuffix(".weight"), a)) for n, a in phi3.rope_factor_tensors(config, str(folder))]
+    if fam.arch == "qwen2moe" and "output.weight" not in dict(plan):
+        # llama.cpp's qwen2moe graph requires an output matrix: a tied embedding is written twice
+        plan += [("output.weight", r) for n, r in plan if n == "token_embd.weight"]
     from .tokenizer_meta import read_tokenizer
 
     tok = read_tokenizer(folder, int(config.get("vocab_size") or 0), sentencepiece=fam.arch in GEMMA,
-                         llama=fam.arch == "llama")
+                         llama=fam.arch in ("llama", "phi3"))
     if fam.arch in GEMMA:
         config = dict(config, _n_vocab=len(tok.tokens))
         plan = [(n, _Truncated(r, len(tok.tokens)) if n == "token_embd.weight" else r) for n, r in plan]
@@ -285,16 +385,19 @@ def _convert(folder: Path, dst: Path, out_type: str, name: str | None,
             arr, typ = _encode(probe, out_type, name)
             per_row = arr.nbytes
             rows = _count(ref.shape) // ref.shape[-1]
-            w.add_tensor_info(name, ref.shape, np.dtype(np.float32) if typ == gguf.GGMLQuantizationType.F32
-                              else np.dtype(np.float16) if typ == gguf.GGMLQuantizationType.F16 else np.dtype(np.uint8),
-                              per_row * rows, raw_dtype=typ)
+            dtype = (np.dtype(np.float32) if typ == gguf.GGMLQuantizationType.F32
+                     else np.dtype(np.float16) if typ == gguf.GGMLQuantizationType.F16 else np.dtype(np.uint8))
+            # gguf-py reads a uint8 (BF16, Q8_0) tensor's shape in bytes: its rows' byte length last
+            shape = tuple(ref.shape) if dtype != np.uint8 else tuple(ref.shape[:-1]) + (per_row,)
+            w.add_tensor_info(name, shape, dtype, per_row * rows, raw_dtype=typ)
             encoded_shapes.append(typ)
         w.write_header_to_file()
         w.write_kv_data_to_file()
         w.write_ti_data_to_file()
         for i, ((name, ref), typ) in enumerate(zip(plan, encoded_shapes)):
             hf = ref.name
-            raw = ref.data if isinstance(ref, Extra) else load_f32(ref.ref if isinstance(ref, _Truncated) else ref)
+            raw = (ref.data if isinstance(ref, Extra) else ref.load() if isinstance(ref, moe.LAZY)
+                   else load_f32(ref.ref if isinstance(ref, _Truncated) else ref))
             data = _transform(name, hf, raw, fam, config)
             arr, got = _encode(data, out_type, name)
             assert got == typ
@@ -303,7 +406,9 @@ def _convert(folder: Path, dst: Path, out_type: str, name: str | None,
             if progress:
                 progress(i + 1, len(plan))
         w.close()
-    return QuantResult(dst, out_type, time.perf_counter() - t0, dst.stat().st_size, n_params)
+    note = multimodal_note(raw_config)
+    return QuantResult(dst, out_type, time.perf_counter() - t0, dst.stat().st_size, n_params,
+                       warnings=[note] if note else [])
 
 
 @dataclass(frozen=True)
@@ -354,7 +459,9 @@ def _metadata(w, fam: Family, c: dict, model_name: str, out_type: str) -> None:
             if c.get("sliding_window_pattern") != 1 and c.get("sliding_window"):
                 w.add_sliding_window(int(c["sliding_window"]))
     else:
-        w.add_rope_dimension_count(head_dim)
+        from . import phi3
+
+        w.add_rope_dimension_count(phi3.rope_dims(c) if fam.arch == "phi3" else head_dim)
         if c.get("head_dim"):  # Qwen3 and others whose head size is not hidden / heads
             w.add_key_length(head_dim)
             w.add_value_length(head_dim)
@@ -372,6 +479,11 @@ def _metadata(w, fam: Family, c: dict, model_name: str, out_type: str) -> None:
         w.add_rope_scaling_type(gguf.RopeScalingType.YARN)
         w.add_rope_scaling_factor(float(factor))
         w.add_rope_scaling_orig_ctx_len(int(rp["original_max_position_embeddings"]))
+    if fam.arch == "phi3":
+        phi3.metadata(w, c)
+    from . import moe
+
+    moe.metadata(w, c)
     if c.get("vocab_size") and not gemma:
         w.add_vocab_size(int(c["vocab_size"]))
     w.add_file_type(FILE_TYPES[out_type])

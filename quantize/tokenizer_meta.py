@@ -3,7 +3,8 @@
 Byte-level BPE from tokenizer.json, and SentencePiece from tokenizer.model (read here with a
 few lines of protobuf decoding, no sentencepiece package). The pre-tokenizer name llama.cpp needs is recognised from the
 structure of tokenizer.json's pre_tokenizer (llama.cpp's converter hashes token ids of a check
-text instead; both name the same splitting rules for the families below).
+text instead; both name the same splitting rules for the families below: llama-bpe, qwen2,
+tekken, gpt-4o, smollm, gpt-2).
 """
 
 from __future__ import annotations
@@ -22,6 +23,24 @@ MAX_VOCAB = 1 << 24
 # Fragments of the split regexes that tell the families apart.
 _LLAMA3 = r"\p{N}{1,3}"
 _QWEN2 = r"[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}|"
+# Tekken (Mistral Nemo, Mistral Small 3.x, Devstral, Ministral as Hugging Face publishes them):
+# words split at case changes, single digits, no English contractions.
+_TEKKEN_WORD = r"[\p{Lu}\p{Lt}\p{Lm}\p{Lo}\p{M}]*[\p{Ll}\p{Lm}\p{Lo}\p{M}]+"
+_CONTRACTIONS = "'s|'t|'re|'ve|'m|'ll|'d"
+
+
+# GPT-4o's o200k rule (Phi-4, Phi-4-mini): the same case-aware words, each with an optional
+# English contraction, and numbers in runs of up to three digits.
+_GPT4O_WORD = _TEKKEN_WORD + "(?i:" + _CONTRACTIONS + ")?"
+
+
+def _is_gpt4o(regex: str) -> bool:
+    return _GPT4O_WORD in regex and _LLAMA3 in regex and r"(?=(?:\d{3})" not in regex
+
+
+def _is_tekken(regex: str) -> bool:
+    return (_TEKKEN_WORD in regex and r"|\p{N}|" in regex and r"\p{N}{" not in regex
+            and _CONTRACTIONS not in regex.lower())
 
 
 def pre_tokenizer_name(pre: dict | None) -> str:
@@ -33,6 +52,10 @@ def pre_tokenizer_name(pre: dict | None) -> str:
         return "smollm"
     splits = [json.dumps(p.get("pattern", {})) for p in parts if p.get("type") == "Split"]
     regex = "".join(json.loads(s).get("Regex", "") for s in splits)
+    if _is_tekken(regex):
+        return "tekken"
+    if _is_gpt4o(regex):
+        return "gpt-4o"
     if _LLAMA3 in regex:
         return "llama-bpe"
     if _QWEN2 in regex:
