@@ -31,8 +31,11 @@ def _wanted(filename: str) -> bool:
 
 def fetch_checkpoint(repo_id: str, revision: str | None = None,
                      progress: Callable[[str, int, int], None] | None = None) -> Path:
-    """The snapshot folder holding ``repo_id``'s checkpoint files, downloaded when needed (through
-    infer_cli.models.hub: resumable, sha256-checked, into huggingface_hub's cache layout).
+    """The snapshot folder holding ``repo_id``'s checkpoint files at ``revision`` (a branch, tag
+    or commit; default main), downloaded when needed (through infer_cli.models.hub: resumable,
+    sha256-checked, into huggingface_hub's cache layout), ``progress(filename, bytes done, bytes
+    in all)`` called as bytes arrive. A gated or private repo without a token that may read it
+    is RepoNotFound, whose hint says how to log in, as for `infer pull`.
 
     Raises RepoNotFound, NotCachedOffline, DownloadFailed (and the other typed errors of
     ``hub.pull``), or BadCheckpoint when the repository holds no config.json."""
@@ -59,4 +62,5 @@ def _cached(repo_id: str, revision: str | None) -> Path:
     for snap in hub.cached_snapshots(repo_id, revision):
         if (snap / "config.json").is_file() and any(snap.glob("*.safetensors")):
             return snap
-    raise NotCachedOffline(f"checkpoint {repo_id}")
+    at = f" at revision '{revision}'" if revision else ""
+    raise NotCachedOffline(f"checkpoint {repo_id}{at}")

@@ -87,3 +87,34 @@ def _load_legacy(path: Path) -> dict:
     if not out:
         raise ValueError("no entries")
     return out
+
+
+def mismatch(entries: dict, info) -> str | None:
+    """Why an imatrix (``load_imatrix``'s entries) was not made for the model ``info``
+    (``read_gguf``'s header) describes, naming the first tensor that differs; None when it fits.
+    Each entry must be a tensor of the model with one value per column (per expert); a model
+    layer the matrix has nothing for at all means it came from a model with fewer layers."""
+    import re
+
+    tensors = {t.name: t for t in info.tensors}
+    for name in sorted(entries):
+        t = tensors.get(name)
+        if t is None:
+            return f"it has {name}, which this model does not"
+        shape = list(t.shape)  # ggml order: columns first
+        want = shape[0] * (shape[2] if len(shape) > 2 else 1)
+        if entries[name].size != want:
+            return f"{name} has {entries[name].size} values in it but {want} in this model"
+    layer = re.compile(r"blk\.(\d+)\.")
+    covered = {int(m.group(1)) for n in entries if (m := layer.match(n))}
+    # the layers a forward pass runs: not the multi-token-prediction layers some models append
+    arch = info.get("general.architecture")
+    n_layer = info.get(f"{arch}.block_count")
+    n_layer = int(n_layer) - int(info.get(f"{arch}.nextn_predict_layers") or 0) \
+        if isinstance(n_layer, int) else None
+    for t in info.tensors:
+        m = layer.match(t.name)
+        if m and covered and int(m.group(1)) not in covered and len(t.shape) >= 2 \
+                and t.name.endswith(".weight") and (n_layer is None or int(m.group(1)) < n_layer):
+            return f"it has nothing for {t.name} (layer {m.group(1)} of this model)"
+    return None

@@ -43,6 +43,9 @@ class QuantOptions:
     tensor_types: tuple[tuple[str, str], ...] = ()  # (name regex, ggml type), first match wins
     threads: int = 0  # 0: llama.cpp uses every hardware thread
     keep_output_tensor: bool = False
+    # `--imatrix auto`: how to make the matrix from the source (quantize.imatrix_make.ImatrixSpec);
+    # the pipeline sets ``imatrix`` to the made (or cached) file before quantizing
+    auto_imatrix: object | None = None
 
 
 @dataclass
@@ -54,6 +57,8 @@ class QuantResult:
     n_params: int
     requantized: bool = False
     warnings: list[str] = field(default_factory=list)
+    imatrix: str | None = None   # the importance matrix it was made with
+    scratch: bool = False        # made only for the report (no imatrix), deleted after it
 
     @property
     def bpw(self) -> float:
@@ -90,10 +95,11 @@ def check_request(src_quantized: bool, qtype: QuantType, opts: QuantOptions) -> 
                                   "compound), or start from the F16/BF16 checkpoint.")
         warnings.append(f"re-quantizing an already quantized model to {qtype.name}: the losses of "
                         "both quantizations compound; start from the original weights if you can")
-    if qtype.needs_imatrix and opts.imatrix is None:
+    if qtype.needs_imatrix and opts.imatrix is None and opts.auto_imatrix is None:
         raise QuantizeRefused(qtype.name, "this type needs an importance matrix",
-                              "Pass --imatrix FILE (made by llama-imatrix on text like your use), "
-                              "or pick a type that does not need one, e.g. Q2_K or Q3_K_S.")
+                              "Pass --imatrix auto (infer makes one), --imatrix FILE (from "
+                              "`infer imatrix` or llama-imatrix), or pick a type that does not need "
+                              "one, e.g. Q2_K or Q3_K_S.")
     if opts.imatrix is not None and not Path(opts.imatrix).is_file():
         raise BadOption("--imatrix", str(opts.imatrix), "an existing imatrix file")
     for option, value in (("--output-tensor-type", opts.output_tensor_type),
@@ -124,6 +130,7 @@ class _Native:
         if opts.token_embedding_type:
             p.token_embedding_type = ggml.type_id(opts.token_embedding_type)
         self.keep: list = []
+        self.entries = None
         if opts.tensor_types:
             n = len(opts.tensor_types)
             arr = (L.llama_model_tensor_override * (n + 1))()
@@ -139,7 +146,7 @@ class _Native:
         if opts.imatrix is not None:
             from .imatrix import load_imatrix
 
-            entries = load_imatrix(Path(opts.imatrix))
+            entries = self.entries = load_imatrix(Path(opts.imatrix))
             arr = (L.llama_model_imatrix_data * (len(entries) + 1))()
             for i, (name, values) in enumerate(entries.items()):
                 b = name.encode()
@@ -165,6 +172,14 @@ def quantize(src: Path, dst: Path, qtype: QuantType, opts: QuantOptions = QuantO
     dst.parent.mkdir(parents=True, exist_ok=True)
     check_disk(dst.parent, estimate_size(src, qtype))
     native = _Native(L, qtype, opts)
+    if native.entries is not None:
+        from .imatrix import mismatch
+
+        why = mismatch(native.entries, read_gguf(src))
+        if why:
+            raise QuantizeRefused(qtype.name, f"the imatrix {opts.imatrix} was made for another "
+                                  f"model: {why}", "Make one for this model (`infer imatrix "
+                                  "MODEL`), or pass --imatrix auto.")
     llama_log.install()
     L.llama_backend_init()
     mark = llama_log.mark()
@@ -201,7 +216,7 @@ def quantize(src: Path, dst: Path, qtype: QuantType, opts: QuantOptions = QuantO
             raise QuantizeFailed(str(src), f"llama.cpp wrote an incomplete file ({e.reason})") from None
     seconds = time.perf_counter() - t0
     return QuantResult(dst, qtype.name, seconds, dst.stat().st_size, read_gguf(dst).n_params,
-                       requant, warnings)
+                       requant, warnings, str(opts.imatrix) if opts.imatrix is not None else None)
 
 
 def _out_of_room(folder: Path, log: Sequence[str], need: int) -> bool:

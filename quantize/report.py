@@ -42,6 +42,8 @@ class Row:
     seconds: float | None  # time to make it; None for the reference
     decode_tps: float | None = None
     quality: Quality | None = None
+    imatrix: str | None = None     # the importance matrix it was made with
+    scratch: bool = False          # made for this report only (the type without the imatrix)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -196,8 +198,10 @@ def decode_speed(path: Path, n_tokens: int = 64, threads: int | None = None) -> 
 
 def iter_rows(reference: Path, outputs: list, *, text: str, eval_tokens: int = DEFAULT_EVAL_TOKENS,
               n_ctx: int = DEFAULT_CTX, decode_tokens: int = 64, threads: int | None = None,
-              workdir: Path | None = None) -> Iterator[Row]:
-    """The reference row, then one per output (``QuantResult``s), measured one at a time."""
+              workdir: Path | None = None, baselines: dict | None = None) -> Iterator[Row]:
+    """The reference row, then one per output (``QuantResult``s), measured one at a time;
+    ``baselines`` (output path -> the same type made without its importance matrix) adds that
+    one's row right after the output's."""
     from infer_cli.models.gguf_info import read_gguf
 
     ref = Reference(reference, text, n_tokens=eval_tokens, n_ctx=n_ctx, threads=threads,
@@ -218,7 +222,12 @@ def iter_rows(reference: Path, outputs: list, *, text: str, eval_tokens: int = D
                 continue
             tps = decode_speed(res.path, decode_tokens, threads) if decode_tokens else None
             yield Row(res.qtype, str(res.path), res.size, res.bpw, res.seconds, tps,
-                      ref.compare(res.path))
+                      ref.compare(res.path), getattr(res, "imatrix", None))
+            plain = (baselines or {}).get(str(res.path))
+            if plain is not None:
+                tps = decode_speed(plain.path, decode_tokens, threads) if decode_tokens else None
+                yield Row(plain.qtype, str(plain.path), plain.size, plain.bpw, plain.seconds, tps,
+                          ref.compare(plain.path), getattr(plain, "imatrix", None), True)
     finally:
         ref.close()
 

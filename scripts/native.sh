@@ -16,7 +16,7 @@ src=$root/src
 build=$src/build
 bin=$build/bin
 targets=(llama-bench llama-completion llama-speculative-simple llama-quantize llama-perplexity
-         llama-batched-bench llama-server ggml-rpc-server)
+         llama-batched-bench llama-server ggml-rpc-server llama-imatrix)
 
 # The same ggml configuration as llama-cpp-python's own build. Its CMakeLists.txt, on Linux/x86,
 # only forces BUILD_SHARED_LIBS=ON, LLAMA_BUILD_COMMON=ON and LLAMA_CURL=OFF; scikit-build-core

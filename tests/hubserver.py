@@ -12,6 +12,8 @@ It answers what the real Hub answers for the calls infer makes:
   huggingface_hub stops at the redirect and httpx drops the Authorization header) -> the bytes, 200 or 206.
 * Errors carry the Hub's headers: 401 ``X-Error-Code: RepoNotFound`` for an unknown repo, 404
   ``RevisionNotFound`` / ``EntryNotFound``, 401/403 ``GatedRepo`` for a gated repo without the right token.
+* Revisions: ``main`` and the repo's commit, plus the branches, tags and commits that
+  :meth:`FakeHub.add_revision` adds, each with its own files.
 
 Fault injection: :meth:`FakeHub.cut_after` (a transfer stops at a byte offset and the socket is closed
 mid-body), :meth:`FakeHub.corrupt` (served bytes differ from the advertised sha256). Every request is
@@ -54,6 +56,11 @@ class FakeRepo:
     gated_token: str | None = None  # downloads need "Authorization: Bearer <gated_token>"
     listing_has_lfs: bool = True  # False: the API listing omits lfs/sha256 (exercises the HEAD fallback)
     refs: dict[str, str] = field(default_factory=dict)  # branch/tag -> commit
+    trees: dict[str, dict[str, bytes]] = field(default_factory=dict)  # other commits -> their files
+
+    def files_at(self, commit: str | None) -> dict[str, bytes]:
+        """The files of ``commit`` (``files`` for the repo's own commit)."""
+        return self.trees.get(commit or self.commit, self.files)
 
     def is_lfs(self, filename: str) -> bool:
         return filename.lower().endswith(LFS_SUFFIXES)
@@ -118,6 +125,22 @@ class FakeHub:
         repo = FakeRepo(repo_id, dict(files), commit, gated_token, listing_has_lfs, {"main": commit})
         with self._lock:
             self.repos[repo_id] = repo
+        return commit
+
+    def add_revision(self, repo_id: str, revision: str, files: dict[str, bytes], *,
+                     commit: str | None = None) -> str:
+        """Serve ``files`` as another commit of ``repo_id`` that the branch or tag ``revision``
+        points at (``revision`` equal to ``commit``: a commit no branch names); returns the commit."""
+        repo = self.repos[repo_id]
+        if commit is None:
+            digest = hashlib.sha1(f"{repo_id}@{revision}".encode())
+            for name in sorted(files):
+                digest.update(name.encode() + b"\0" + files[name])
+            commit = digest.hexdigest()
+        with self._lock:
+            repo.trees[commit] = dict(files)
+            if revision != commit:
+                repo.refs[revision] = commit
         return commit
 
     def cut_after(self, filename: str, nbytes: int, times: int = 1, *, repo_id: str | None = None) -> None:
@@ -206,8 +229,8 @@ class FakeHub:
                 del self._cuts[(repo_id, filename)]
             return cut.offset
 
-    def _served_bytes(self, repo: FakeRepo, filename: str) -> bytes:
-        data = repo.files[filename]
+    def _served_bytes(self, repo: FakeRepo, filename: str, commit: str | None = None) -> bytes:
+        data = repo.files_at(commit)[filename]
         with self._lock:
             corrupt = (repo.repo_id, filename) in self._corrupt
         if corrupt and data:
@@ -270,7 +293,7 @@ class _Handler(BaseHTTPRequestHandler):
         if commit is None:
             return
         siblings = []
-        for name, data in sorted(repo.files.items()):
+        for name, data in sorted(repo.files_at(commit).items()):
             sib = {"rfilename": name}
             if "blobs=true" in self._entry.query:
                 sib.update(size=len(data), blobId=git_blob_sha1(data))
@@ -300,11 +323,12 @@ class _Handler(BaseHTTPRequestHandler):
         if commit is None:
             return
         filename = unquote(m.group(3))
-        if filename not in repo.files:
+        files = repo.files_at(commit)
+        if filename not in files:
             return self._error(404, "EntryNotFound", "Entry not found", {"X-Repo-Commit": commit})
         if not self._authorized(repo):
             return
-        data = repo.files[filename]
+        data = files[filename]
         common = {"X-Repo-Commit": commit, "Accept-Ranges": "bytes"}
         if repo.is_lfs(filename):
             location = f"{self.fake.cdn_url}/cdn/{quote(repo.repo_id)}/{commit}/{quote(filename)}"
@@ -316,15 +340,16 @@ class _Handler(BaseHTTPRequestHandler):
                 "X-Linked-Size": str(len(data)),
             }
             return self._send(302, headers, b"", method)
-        self._send_file(method, repo, filename, {**common, "ETag": f'"{git_blob_sha1(data)}"'})
+        self._send_file(method, repo, filename, {**common, "ETag": f'"{git_blob_sha1(data)}"'}, commit)
 
     def _cdn(self, method: str, raw_path: str) -> None:
         m = re.fullmatch(r"/cdn/([^/]+/[^/]+)/([0-9a-f]{40})/(.+)", unquote(raw_path))
         repo = self.fake.repos.get(m.group(1)) if m else None
-        if m is None or repo is None or m.group(3) not in repo.files:
+        files = repo.files_at(m.group(2)) if repo is not None else {}
+        if m is None or repo is None or m.group(3) not in files:
             return self._error(404, None, "NoSuchKey")
         filename = m.group(3)
-        self._send_file(method, repo, filename, {"ETag": f'"{sha256_hex(repo.files[filename])}"'})
+        self._send_file(method, repo, filename, {"ETag": f'"{sha256_hex(files[filename])}"'}, m.group(2))
 
     # ----------------------------------------------------------------------------- pieces
 
@@ -336,8 +361,8 @@ class _Handler(BaseHTTPRequestHandler):
         return repo
 
     def _commit(self, repo: FakeRepo, revision: str) -> str | None:
-        if revision == repo.commit or revision in repo.refs:
-            return repo.refs.get(revision, repo.commit)
+        if revision == repo.commit or revision in repo.refs or revision in repo.trees:
+            return repo.refs.get(revision, revision)
         self._error(404, "RevisionNotFound", f"Invalid rev id: {revision}")
         return None
 
@@ -352,8 +377,9 @@ class _Handler(BaseHTTPRequestHandler):
                     "authorized list.")
         return False
 
-    def _send_file(self, method: str, repo: FakeRepo, filename: str, headers: dict[str, str]) -> None:
-        data = self.fake._served_bytes(repo, filename)
+    def _send_file(self, method: str, repo: FakeRepo, filename: str, headers: dict[str, str],
+                   commit: str | None = None) -> None:
+        data = self.fake._served_bytes(repo, filename, commit)
         size = len(data)
         start, end = 0, size - 1
         status = 200

@@ -14,7 +14,7 @@ from typing import Annotated
 
 import typer
 
-from infer_cli.cli import bench, batch, cache, fit, models, quantize, run, serve, worker
+from infer_cli.cli import bench, batch, cache, fit, imatrix, models, quantize, run, serve, worker
 from infer_cli.errors import InferError, describe
 
 app = typer.Typer(
@@ -26,7 +26,7 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 
-for command in (run, batch, serve, models, fit, quantize, cache, bench, worker):
+for command in (run, batch, serve, models, fit, quantize, imatrix, cache, bench, worker):
     command.register(app)
 
 

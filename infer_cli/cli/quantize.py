@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Annotated, Optional
 
 import typer
+from rich.markup import escape
 
 from quantize.types import TYPES, names
 
@@ -33,9 +34,16 @@ def quantize_cmd(
     list_types: Annotated[bool, typer.Option("--list", help="List the precisions and exit.")] = False,
     allow_requantize: Annotated[bool, typer.Option(
         "--allow-requantize", help="Quantize a GGUF that is already quantized (losses compound).")] = False,
-    imatrix: Annotated[Optional[Path], typer.Option(
-        "--imatrix", help="Importance matrix from llama-imatrix (required for IQ1/IQ2 types).",
-        show_default=False)] = None,
+    imatrix: Annotated[Optional[str], typer.Option(
+        "--imatrix", help="Importance matrix (required for IQ1/IQ2 types): auto (made from the "
+        "unquantized source on --calibration text and cached), or a FILE from `infer imatrix` or "
+        "llama-imatrix.", show_default=False)] = None,
+    calibration: Annotated[Optional[Path], typer.Option(
+        "--calibration", help="Text for --imatrix auto (default: the prose and code that ship "
+        "with infer).", show_default=False)] = None,
+    imatrix_chunks: Annotated[Optional[int], typer.Option(
+        "--imatrix-chunks", help="Most 512-token chunks of the text --imatrix auto uses "
+        "(default: all).", show_default=False)] = None,
     output_tensor_type: Annotated[Optional[str], typer.Option(
         "--output-tensor-type", help="Tensor type for output.weight, e.g. q8_0.", show_default=False)] = None,
     token_embedding_type: Annotated[Optional[str], typer.Option(
@@ -54,6 +62,9 @@ def quantize_cmd(
     no_report: Annotated[bool, typer.Option("--no-report", help="Skip the measurements.")] = False,
     threads: Annotated[Optional[int], typer.Option("--threads", "-t", help="CPU threads.", show_default=False)] = None,
     json_mode: Annotated[bool, typer.Option("--json", help="Print one JSON document on stdout.")] = False,
+    revision: Annotated[Optional[str], typer.Option(
+        "--revision", help="Hub branch, tag or commit of a repo id SOURCE (default: main).",
+        show_default=False)] = None,
 ) -> None:
     """Convert a checkpoint to GGUF and quantize it to llama.cpp precisions, then measure each
     output's size, speed and quality."""
@@ -69,22 +80,36 @@ def quantize_cmd(
     from quantize.llama_quant import QuantOptions
 
     targets = api.parse_targets(to)
-    opts = QuantOptions(allow_requantize=allow_requantize, imatrix=imatrix,
+    auto = _auto_imatrix(imatrix, calibration, imatrix_chunks, threads)
+    opts = QuantOptions(allow_requantize=allow_requantize,
+                        imatrix=Path(imatrix).expanduser() if imatrix and auto is None else None,
                         output_tensor_type=output_tensor_type,
                         token_embedding_type=token_embedding_type, pure=pure,
                         tensor_types=api.parse_tensor_types(tensor_type or []),
-                        threads=threads or 0)
-    plan = api.make_plan(source, targets, output_dir, opts)
+                        threads=threads or 0, auto_imatrix=auto)
+    from contextlib import nullcontext
+
+    from quantize.hub_source import looks_like_repo_id
+
+    # a hub source's files: bytes, speed and time left, as `infer pull` shows them
+    bars = out.transfer() if looks_like_repo_id(source) else nullcontext()
+    with bars as download:
+        plan = api.make_plan(source, targets, output_dir, opts, revision=revision, download=download)
+    for note in plan.notes:
+        out.info(f"Note: {escape(note)}")
     text = None
     if not no_report:
         from quantize.report import eval_text as read_text
 
         text = read_text(eval_text)  # a bad --eval-text fails before any work
     with _tensor_bars(out) as progress:
-        results, base = api.run(plan, opts, progress=progress)
+        chunks_done = (lambda done, total, ppl: progress("imatrix chunks", done, total)) \
+            if progress else None
+        results, base = api.run(plan, opts, progress=progress, imatrix_progress=chunks_done,
+                                notice=lambda msg: out.info(escape(msg)))
     try:
         for r in results:
-            for w in r.warnings:
+            for w in (w for w in r.warnings if w not in plan.notes):  # notes were shown before
                 out.warn(w)
             out.info(f"wrote {r.path}")
         if no_report:
@@ -92,13 +117,38 @@ def quantize_cmd(
                 out.json({"outputs": [_result_dict(r) for r in results]})
             return
         ref = reference or api.default_reference(plan)
-        _report(out, ref, results, text, eval_tokens, threads, json_mode, plan.outdir)
+        with _tensor_bars(out) as progress:  # the same types without the imatrix, to compare
+            baselines = api.without_imatrix(plan, results, opts, progress=progress)
+        try:
+            _report(out, ref, results, text, eval_tokens, threads, json_mode, plan.outdir,
+                    baselines, plan.imatrix)
+        finally:
+            for b in baselines.values():
+                api.discard(b.path)
     finally:
         api.discard(base)
 
 
+def _auto_imatrix(imatrix: str | None, calibration: Path | None, chunks: int | None,
+                  threads: int | None):
+    """--imatrix auto's settings (None for a FILE or no imatrix); a bad --calibration fails
+    here, before any work."""
+    if imatrix is None or imatrix.strip().lower() != "auto":
+        for name, value in (("--calibration", calibration), ("--imatrix-chunks", chunks)):
+            if value is not None:
+                raise typer.BadParameter("only with --imatrix auto", param_hint=name)
+        return None
+    from quantize.imatrix_make import ImatrixSpec, calibration_text
+
+    if chunks is not None and chunks < 1:
+        raise typer.BadParameter("one or more", param_hint="--imatrix-chunks")
+    calibration_text(calibration)
+    return ImatrixSpec(calibration, chunks, threads=threads)
+
+
 def _result_dict(r) -> dict:
-    return {"type": r.qtype, "path": str(r.path), "size": r.size, "bpw": r.bpw, "seconds": r.seconds}
+    return {"type": r.qtype, "path": str(r.path), "size": r.size, "bpw": r.bpw, "seconds": r.seconds,
+            "imatrix": getattr(r, "imatrix", None)}
 
 
 def _print_list(out, json_mode: bool) -> None:
@@ -117,19 +167,24 @@ def _print_list(out, json_mode: bool) -> None:
     out.result(table)
 
 
-def _report(out, ref: Path, results, text, eval_tokens, threads, json_mode, workdir) -> None:
+def _report(out, ref: Path, results, text, eval_tokens, threads, json_mode, workdir,
+            baselines=None, imatrix=None) -> None:
     from quantize.report import iter_rows
 
     from infer_cli.errors import human_bytes
 
     rows = []
     for row in iter_rows(Path(ref), results, text=text, eval_tokens=eval_tokens,
-                         threads=threads, workdir=workdir):
+                         threads=threads, workdir=workdir, baselines=baselines):
         rows.append(row)
         if not json_mode:
-            out.info(f"measured {row.name}")
+            out.info(f"measured {_row_name(row, baselines)}")
     if json_mode:
-        out.json({"reference": str(ref), "rows": [r.as_dict() for r in rows]})
+        doc = {"reference": str(ref), "rows": [r.as_dict() for r in rows]}
+        if imatrix is not None:
+            doc["imatrix"] = str(imatrix)
+            doc["imatrix_gain"] = _gains(rows)
+        out.json(doc)
         return
     from rich.table import Table
 
@@ -139,11 +194,33 @@ def _report(out, ref: Path, results, text, eval_tokens, threads, json_mode, work
         table.add_column(col, justify="left" if col == "type" else "right")
     for r in rows:
         q = r.quality
-        table.add_row(r.name, human_bytes(r.size), f"{r.bpw:.2f}",
+        table.add_row(_row_name(r, baselines), human_bytes(r.size), f"{r.bpw:.2f}",
                       f"{r.seconds:.1f} s" if r.seconds is not None else "",
                       f"{r.decode_tps:.1f}" if r.decode_tps else "",
                       f"{q.kl_mean:.4f}", f"{q.kl_p99:.4f}", f"{q.top1:.1%}", f"{q.ppl:.3f}")
     out.result(table)
+
+
+def _row_name(row, baselines) -> str:
+    """The type, marked with or without the imatrix where the report shows both."""
+    if row.scratch:
+        return f"{row.name} (flat imatrix)" if row.imatrix == "flat" else f"{row.name} (no imatrix)"
+    if baselines and str(row.path) in baselines:
+        return f"{row.name} (imatrix)"
+    return row.name
+
+
+def _gains(rows) -> list[dict]:
+    """For each type measured with and without the imatrix: both qualities side by side."""
+    out = []
+    for prev, row in zip(rows, rows[1:]):
+        if row.scratch and prev.name == row.name and prev.quality and row.quality:
+            out.append({"type": row.name,
+                        "with_imatrix": {"kl_mean": prev.quality.kl_mean,
+                                         "kl_p99": prev.quality.kl_p99, "ppl": prev.quality.ppl},
+                        "without_imatrix": {"kl_mean": row.quality.kl_mean,
+                                            "kl_p99": row.quality.kl_p99, "ppl": row.quality.ppl}})
+    return out
 
 
 class _tensor_bars:
