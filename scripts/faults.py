@@ -199,6 +199,8 @@ class PackagePull(Operation):
         ok = proc.returncode == 0 and hashlib.sha256(self.target.read_bytes()).hexdigest() == self.sha
         listed = self.run(infer_cmd("list", "--json"))
         models = json.loads(listed.stdout).get("models", []) if listed.returncode == 0 else None
+        if models is not None:  # the hub operation's model may be listed too
+            models = [m for m in models if m.get("source") == "package"]
         if not ok or models is None or [m.get("size") for m in models] != [len(self.data)]:
             row.failed_recoveries += 1
             row.notes.append(f"pull after the fault: rc {proc.returncode}, list {models!r:.200} "
