@@ -289,6 +289,15 @@ class WorkerTooSmall(InferError):
         self.needed, self.budget, self.free = needed, budget, free
 
 
+def _command() -> str:
+    """The infer command being run (`infer quantize ...` -> 'quantize'), for hints that point at
+    its --help; 'run' when it cannot be told."""
+    import sys
+
+    words = [a for a in sys.argv[1:] if not a.startswith("-")]
+    return words[0] if words and words[0].isidentifier() else "run"
+
+
 def _next_ctx(n: int) -> int:
     """The next power of two above n plus room for an answer."""
     size = 512
@@ -346,7 +355,7 @@ TABLE: dict[type[InferError], tuple[int, Callable]] = {
                           f"--no-deps {e.package}`)."),
     ModelLoadFailed: (65, lambda e: "Run `infer show MODEL` to check the file; INFER_DEBUG=1 shows "
                       "llama.cpp's log."),
-    BadOption: (2, lambda e: "See `infer run --help` for the accepted values."),
+    BadOption: (2, lambda e: f"See `infer {_command()} --help` for the accepted values."),
     PromptTooLong: (2, lambda e: f"Raise the context (--ctx {_next_ctx(e.n_prompt)}) or keep the end of "
                     "the prompt with --truncate." if e.n_prompt else "Give a prompt."),
     ContextOverflow: (2, lambda e: "Raise --ctx or lower --batch."),
