@@ -9,10 +9,16 @@ from typing import Annotated, Optional
 
 import typer
 
-from infer_cli.cli.options import CtxOpt, JsonOpt, ModelArg, RevisionOpt, RpcOpt, ThreadsOpt
+from infer_cli.cli.options import JsonOpt, ModelArg, RevisionOpt, RpcOpt, ThreadsOpt
 
 SECTION_NAMES = ("precision", "kv", "flash-attn", "batching", "speculative")
 
+
+# bench's --ctx is the long context of the KV-cache and flash-attention sections, not the
+# context every run uses (the speed sections size theirs to the prompt and the answer)
+LongCtxOpt = Annotated[Optional[int], typer.Option(
+    "--ctx", "-c", help="The long context of the KV-cache and flash-attention sections, in tokens "
+    "(default: 4096, with --quick 1024; at most the model's training context).", show_default=False)]
 
 def register(app) -> None:
     """Add the `bench` command to the Typer app."""
@@ -29,7 +35,7 @@ def bench_cmd(
     reps: Annotated[Optional[int], typer.Option(
         "--reps", help="Repetitions of each speed (medians of alternating runs). Default: 3, "
         "1 with --quick.", show_default=False)] = None,
-    ctx: CtxOpt = None,
+    ctx: LongCtxOpt = None,
     threads: ThreadsOpt = None,
     quants: Annotated[Optional[str], typer.Option(
         "--quants", help="Precisions to compare, comma-separated (default: F16,Q8_0,Q4_K_M,Q2_K); "
