@@ -159,6 +159,9 @@ class Collector:
         self.stats: dict[str, Stat] = {}
         self.error: BaseException | None = None
         self._last = None  # (key, squared sums) of the last dense src1: q, k and v share theirs
+        from infer_cli.engine.sigint import shield
+
+        shield(Collector._callback)  # a Ctrl-C in here waits for llama_decode to return
         self.callback = L.ggml_backend_sched_eval_callback(self._callback)
 
     # the callback --------------------------------------------------------------------------

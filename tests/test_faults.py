@@ -77,3 +77,32 @@ def test_temporaries_of_killed_processes_are_swept_by_the_next_writer(tmp_path):
     finally:
         alive.kill()
         alive.wait()
+
+
+def test_ctrl_c_inside_llama_cpp_log_callback_stops_the_run(smollm2_gguf):
+    """A real SIGINT delivered while llama.cpp is inside infer's log callback (stderr is wrapped
+    so that the callback's own write sends it): the run stops with exit 130 once llama.cpp has
+    returned, instead of ctypes printing 'Exception ignored ...' and the run going on."""
+    import subprocess
+    import sys
+
+    code = ("import os, signal, sys\n"
+            "class Once:\n"
+            "    def __init__(self, f):\n"
+            "        self.f, self.sent = f, False\n"
+            "    def write(self, s):\n"
+            "        if not self.sent and 'llama_model_loader' in s:\n"
+            "            self.sent = True\n"
+            "            os.kill(os.getpid(), signal.SIGINT)\n"
+            "        return self.f.write(s)\n"
+            "    def __getattr__(self, name):\n"
+            "        return getattr(self.f, name)\n"
+            "sys.stderr = Once(sys.stderr)\n"
+            f"sys.argv = ['infer', 'run', {str(smollm2_gguf)!r}, 'Hello', '-n', '4', '--no-prompt-cache']\n"
+            "from infer_cli.console import main\n"
+            "main()\n")
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT,
+                       timeout=120, env={**__import__("os").environ, "INFER_DEBUG": "1"})
+    assert p.returncode == 130, (p.returncode, p.stderr[-1500:])
+    assert "Exception ignored" not in p.stderr and "Traceback" not in p.stderr
+    assert p.stdout == ""  # stopped during the load: no answer began

@@ -30,7 +30,10 @@ def install() -> None:
 
     echo = bool(os.environ.get("INFER_DEBUG"))
 
+    from infer_cli.engine.sigint import shield
+
     @llama_cpp.llama_log_callback
+    @shield  # a Ctrl-C landing in here is raised once llama.cpp has returned
     def callback(level: int, text: bytes, user_data) -> None:
         global _partial
         piece = text.decode("utf-8", "replace")
