@@ -42,6 +42,7 @@ class Options:
     gpu_layers: int | None = None     # None: planned (auto); ALL_LAYERS: every layer
     mlock: bool = False
     mmap: bool = True                 # weights mapped from the file (llama.cpp's default)
+    repack: bool = True               # CPU weights repacked into llama.cpp's interleaved layouts
     warmup: bool = True               # one throw-away decode at load, as llama.cpp's tools do
     rpc: tuple[str, ...] = ()         # RPC workers (HOST:PORT) that hold the offloaded layers
     tensor_split: tuple[float, ...] = ()  # share of the offloaded layers per worker device

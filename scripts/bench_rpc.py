@@ -10,7 +10,9 @@ SmolLM2-135M Q4_1 and Gemma 3 270M Q4_K_M, each repetition runs, in a rotating o
 - llama.cpp's own client over the same workers: `llama-completion --rpc A,B -ts 1,1 -ngl 99`
   (from scripts/native.sh, built with GGML_RPC from the vendored llama.cpp).
 
-Greedy text through the workers must equal the local text. Decode speeds are medians over
+Greedy text through the workers must equal the local text, and that of a local run with
+`--no-repack` (the file's weight layout, which a worker computes with: where the local CPU
+backend repacks a type, Q4_K for one, its kernels round otherwise). Decode speeds are medians over
 --reps; "vs native" is infer --rpc over llama-completion --rpc (the goal: >= 0.95), "vs local"
 what the RPC path costs against the all-local run. Last, the per-device weights and KV that
 `plan.rpc_fit` predicts are compared with the buffer sizes llama.cpp logs when it loads the
@@ -68,12 +70,14 @@ def start_worker(port: int, threads: int) -> subprocess.Popen:
     raise SystemExit(f"the worker on port {port} did not start")
 
 
-def infer_run(model: Path, args, rpc: str | None) -> dict:
+def infer_run(model: Path, args, rpc: str | None, *, repack: bool = True) -> dict:
     cmd = [sys.executable, "-m", "infer_cli", "run", str(model), PROMPT, "--raw", "--temp", "0",
            "-n", str(args.tokens), "--ignore-eos", "--threads", str(args.threads), "--json",
            "--no-prompt-cache", "--ctx", "1024"]
     if rpc:
         cmd += ["--rpc", rpc, "--tensor-split", "1,1"]
+    if not repack:
+        cmd += ["--no-repack"]
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     if p.returncode != 0:
         raise SystemExit(f"infer run failed ({p.returncode}): {p.stderr[-1500:]}")
@@ -182,6 +186,10 @@ def main() -> None:
                     log(f"{name} rep {rep + 1} {side}: {r['tps']:.1f} tokens/s")
             med = {s: statistics.median(v) for s, v in speeds.items()}
             same = all(t == texts["local"][0] for t in texts["local"] + texts["rpc"])
+            # The same kernels: a worker computes with the file's layout, which the local CPU
+            # backend keeps only with --no-repack (else it repacks Q4_K and others, other rounding)
+            plain = infer_run(model, args, None, repack=False)["text"]
+            same_kernels = all(t == plain for t in texts["rpc"])
             planned, logged = planned_sizes(model, rpc), logged_sizes(model, rpc)
             errs = {}
             for dev, kinds in planned.items():
@@ -189,6 +197,7 @@ def main() -> None:
                     got = logged.get(dev, {}).get(kind)
                     errs[f"{dev} {kind}"] = (value, got, None if not got else (value - got) / got)
             results[name] = {"median_tps": med, "same_text": same,
+                             "same_text_as_local_no_repack": same_kernels,
                              "vs_native": med["rpc"] / med["native"] if "native" in med else None,
                              "vs_local": med["rpc"] / med["local"], "sizes_mib": errs}
     finally:
@@ -201,7 +210,8 @@ def main() -> None:
         line = (f"{name}: local {m['local']:.1f}, rpc {m['rpc']:.1f}"
                 + (f", native rpc {m['native']:.1f}" if "native" in m else "") + " tokens/s; "
                 + (f"rpc/native {r['vs_native']:.3f}, " if r["vs_native"] else "")
-                + f"rpc/local {r['vs_local']:.3f}; same text: {r['same_text']}")
+                + f"rpc/local {r['vs_local']:.3f}; same text: {r['same_text']} "
+                + f"(as local --no-repack: {r['same_text_as_local_no_repack']})")
         log(line)
         for key, (plan, got, err) in r["sizes_mib"].items():
             log(f"  {key}: planned {plan:.2f} MiB, llama.cpp {got if got is None else f'{got:.2f}'} MiB"

@@ -325,3 +325,22 @@ def test_no_mmap_reads_the_weights_into_memory(smollm2_gguf, mmap):
         assert "Paris" in text
     finally:
         model.close()
+
+
+def test_no_repack_keeps_the_weights_in_the_files_layout(gemma3_gguf, infer):
+    """--no-repack reaches llama.cpp (use_extra_bufts): Gemma's Q4_K matrices, repacked into the
+    CPU's interleaved layout by default, stay in the mapping of the file; it still answers."""
+    from infer_cli.engine import llama_log
+
+    llama_log.install()
+    for repack in (True, False):
+        mark = llama_log.mark()
+        model = engine.Model(gemma3_gguf, engine.Options(repack=repack))
+        try:
+            buffers = [line for line in llama_log.since(mark) if "model buffer size" in line]
+            assert any("CPU_REPACK" in line for line in buffers) == repack, buffers
+        finally:
+            model.close()
+    r = infer("run", str(gemma3_gguf), "Say hi", "-n", "4", "--temp", "0", "--no-repack",
+              "--no-prompt-cache")
+    assert r.returncode == 0 and r.stdout.strip(), r.stderr

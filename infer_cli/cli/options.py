@@ -44,6 +44,9 @@ NCpuMoeOpt = Annotated[Optional[int], typer.Option(
 MlockOpt = Annotated[bool, typer.Option("--mlock", help="Lock the weights in RAM.")]
 NoMmapOpt = Annotated[bool, typer.Option(
     "--no-mmap", help="Read the weights into memory instead of mapping the file.")]
+NoRepackOpt = Annotated[bool, typer.Option(
+    "--no-repack", help="Keep CPU weights in the file's layout instead of llama.cpp's interleaved "
+    "one (slower on most CPUs; the layout an RPC worker or another machine computes with).")]
 RpcOpt = Annotated[Optional[str], typer.Option(
     "--rpc", envvar="INFER_RPC", help="Split the model over RPC workers (`infer worker`): "
     "HOST:PORT[,HOST:PORT...]. Each is probed first (handshake and version). The protocol has no "
@@ -185,6 +188,7 @@ class EngineArgs(OptionGroup):
     n_cpu_moe: NCpuMoeOpt = None
     mlock: MlockOpt = False
     no_mmap: NoMmapOpt = False
+    no_repack: NoRepackOpt = False
     rpc: RpcOpt = None
     tensor_split: TensorSplitOpt = None
 
@@ -197,7 +201,8 @@ class EngineArgs(OptionGroup):
                        threads=self.threads, cache_type_k=self.cache_type_k.lower(),
                        cache_type_v=self.cache_type_v.lower(), flash_attn=self.flash_attn.lower(),
                        swa_full=self.swa_full, gpu_layers=parse_gpu_layers(self.gpu_layers),
-                       mlock=self.mlock, mmap=not self.no_mmap, rpc=parse_rpc(self.rpc),
+                       mlock=self.mlock, mmap=not self.no_mmap, repack=not self.no_repack,
+                       rpc=parse_rpc(self.rpc),
                        tensor_split=parse_tensor_split(self.tensor_split),
                        n_cpu_moe=parse_cpu_moe(self.cpu_moe, self.n_cpu_moe))
         replace(opts, n_ctx=opts.n_ctx or DEFAULT_CTX).check()  # bad options fail before anything loads

@@ -92,6 +92,8 @@ class Model:
         params.n_gpu_layers = opts.gpu_layers or 0  # None (auto) is resolved by the caller's plan
         if not opts.mmap or opts.mlock:  # else llama.cpp's own default (mmap where it can)
             params.load_mode = load_mode(opts.mmap, opts.mlock)
+        if not opts.repack:  # llama.cpp's --no-repack: no "extra" CPU buffer types
+            params.use_extra_bufts = False
         self.rpc = None
         if opts.rpc:  # the offloaded layers go to the workers' devices (probed first)
             from infer_cli.engine import rpc
