@@ -340,7 +340,7 @@ def compute(model_path: Path, text: str, *, dataset: str = BUILTIN_NAME, ctx: in
         raise BadOption("--chunks", str(chunks), "one or more")
     model = Model(model_path, Options(warmup=False, threads=threads))
     ctx_ptr = None
-    batch = None
+    batch = pool = None
     try:
         L = model.L
         vocab = model.vocab
@@ -361,6 +361,7 @@ def compute(model_path: Path, text: str, *, dataset: str = BUILTIN_NAME, ctx: in
         params.n_ubatch = min(UBATCH, n_batch)
         params.n_seq_max = n_seq
         params.n_threads = params.n_threads_batch = threads or default_threads()
+        pool = _Pool(params.n_threads) if params.n_threads > 1 else None
         params.no_perf = True
         params.cb_eval = collector.callback
         params.cb_eval_user_data = None
@@ -416,7 +417,7 @@ def compute(model_path: Path, text: str, *, dataset: str = BUILTIN_NAME, ctx: in
                     logits = np.ctypeslib.as_array(ptr, shape=(ctx, n_vocab))
                 rows = logits[first:ctx - 1]
                 target = tokens[start + seq * ctx + first + 1:start + seq * ctx + ctx]
-                nll += _nll(rows, target)
+                nll += _nll(rows, target, pool)
                 count += ctx - first - 1
             if progress is not None:
                 progress(i + n_seq_batch, n_chunk, math.exp(nll / count) if count else float("nan"))
@@ -424,6 +425,8 @@ def compute(model_path: Path, text: str, *, dataset: str = BUILTIN_NAME, ctx: in
         return Matrix(collector.stats, n_chunk, ctx, len(tokens),
                       math.exp(nll / count) if count else float("nan"), seconds, dataset)
     finally:
+        if pool is not None:
+            pool.shutdown()
         if batch is not None:
             model.L.llama_batch_free(batch)
         if ctx_ptr:
@@ -431,14 +434,37 @@ def compute(model_path: Path, text: str, *, dataset: str = BUILTIN_NAME, ctx: in
         model.close()
 
 
-def _nll(logits, target) -> float:
-    """Summed negative log-likelihood of ``target`` under each row of ``logits``."""
+class _Pool:
+    """A thread pool that knows its size."""
+
+    def __init__(self, n: int):
+        from concurrent.futures import ThreadPoolExecutor
+
+        self.n, self._ex = n, ThreadPoolExecutor(n, thread_name_prefix="infer-imatrix")
+
+    def map(self, fn, items):
+        return self._ex.map(fn, items)
+
+    def shutdown(self) -> None:
+        self._ex.shutdown()
+
+
+def _nll(logits, target, pool=None) -> float:
+    """Summed negative log-likelihood of ``target`` under each row of ``logits``; with ``pool`` (a
+    thread pool) the rows are shared out: numpy releases the GIL in these loops, and between two
+    decodes llama.cpp's threads are idle, as llama-imatrix's own scoring threads use them."""
     import numpy as np
 
     if not len(target):
         return 0.0
+    if pool is not None and len(target) >= 64:
+        bounds = np.linspace(0, len(target), pool.n + 1).astype(int)
+        return sum(pool.map(lambda ab: _nll(logits[ab[0]:ab[1]], target[ab[0]:ab[1]]),
+                            [(a, b) for a, b in zip(bounds, bounds[1:]) if b > a]))
     mx = logits.max(axis=1)
-    lse = np.log(np.exp(logits - mx[:, None]).sum(axis=1, dtype=np.float64)) + mx
+    x = logits - mx[:, None]
+    np.exp(x, out=x)
+    lse = np.log(x.sum(axis=1, dtype=np.float64)) + mx
     picked = logits[np.arange(len(target)), target]
     return float((lse - picked).sum())
 
