@@ -161,9 +161,11 @@ def stream(session: Session, req: Request, *, stats: Stats | None = None,
 
 
 def _scheduled(session: Session, req: Request, stats: Stats, prompt_cache) -> Iterator[Event]:
-    """Plain generation: the prompt's KV (from the prompt cache, or reused from the session's
-    last turn) up to its last token, then the batching scheduler with this one sequence, so
-    `infer run` decodes through the same loop as `infer batch` and `infer serve`."""
+    """Plain generation through the batching scheduler with this one sequence, so `infer run`
+    decodes through the same loop as `infer batch` and `infer serve`. With the prompt cache, the
+    prompt's KV up to its last token comes first (restored, or computed and saved); without it,
+    what the session's last turn left is reused and the scheduler computes the rest of the
+    prompt and its first token's logits in one batch, as llama.cpp's own tools do."""
     from infer_cli.engine.scheduler import Scheduler
 
     tokens = list(req.tokens)
@@ -173,14 +175,21 @@ def _scheduled(session: Session, req: Request, stats: Stats, prompt_cache) -> It
         # The cache keeps the state *before* the last prompt token: a later run restores it and
         # decodes that one token for its logits, as every run does.
         stats.prompt_cache = prompt_cache.restore(session, head, stats.notes)
-    stats.cached_tokens = session.extend(head)
-    if prompt_cache is not None and stats.cached_tokens < len(head):
-        prompt_cache.save(session)
+        stats.cached_tokens = session.extend(head)
+        if stats.cached_tokens < len(head):
+            prompt_cache.save(session)
+        done = len(head)
+    else:
+        done = session.reusable(session.tokens, head)
+        if not session.trim(done):
+            session.clear()
+            done = 0
+        stats.cached_tokens = done
     if session.scheduler is None:
         session.scheduler = Scheduler(session.model, session.context, share_prefixes=False)
     sched = session.scheduler
     pieces: list[str] = []
-    seq = sched.adopt(req, session.seq, len(head), on_text=lambda _s, text: pieces.append(text))
+    seq = sched.adopt(req, session.seq, done, on_text=lambda _s, text: pieces.append(text))
     finish = None
     try:
         while not seq.finished:
