@@ -207,7 +207,35 @@ class PackagePull(Operation):
                              f"{proc.stderr[-300:]}")
 
 
-class Convert(Operation):
+class GgufOutput(Operation):
+    """An operation that writes one GGUF into ``self.out`` (``self.target``): a target there must
+    pass ``_valid``; the next run of the same command must leave one that does."""
+    out: Path
+    target: Path
+
+    def _valid(self) -> bool: ...
+
+    def check_target(self, row):
+        if self.target.exists() and not self._valid():
+            row.bad_targets += 1
+            row.notes.append(f"{self.target} exists but is not a whole {self.name} output")
+
+    def partials(self):
+        return [p for p in self.out.iterdir() if p.name.startswith(".")]
+
+    def recover(self, row):
+        if not self.target.exists():
+            proc = self.run(self.command(), timeout=300)
+            if proc.returncode != 0:
+                row.failed_recoveries += 1
+                row.notes.append(f"{self.name} again: rc {proc.returncode} {proc.stderr[-300:]}")
+                return
+        if not self._valid():
+            row.failed_recoveries += 1
+            row.notes.append(f"{self.name} again left no valid output")
+
+
+class Convert(GgufOutput):
     """`infer quantize CHECKPOINT --to F16`: a Llama-shaped safetensors checkpoint (random
     weights, 27M parameters, the byte-level BPE tokenizer of the tiny test checkpoints) converted
     to GGUF."""
@@ -241,24 +269,6 @@ class Convert(Operation):
             self.n_params = n
         return n == self.n_params
 
-    def check_target(self, row):
-        if self.target.exists() and not self._valid():
-            row.bad_targets += 1
-            row.notes.append(f"{self.target} exists but is not the whole conversion")
-
-    def partials(self):
-        return [p for p in self.out.iterdir() if p.name.startswith(".")]
-
-    def recover(self, row):
-        if not self.target.exists():
-            proc = self.run(self.command(), timeout=300)
-            if proc.returncode != 0:
-                row.failed_recoveries += 1
-                row.notes.append(f"convert again: rc {proc.returncode} {proc.stderr[-300:]}")
-                return
-        if not self._valid():
-            row.failed_recoveries += 1
-            row.notes.append("convert again left no valid output")
 
 
 def _checkpoint(folder: Path) -> None:
@@ -296,7 +306,7 @@ def _checkpoint(folder: Path) -> None:
     shutil.rmtree(tiny)
 
 
-class Quantize(Operation):
+class Quantize(GgufOutput):
     name = "quantize"
 
     def __init__(self, work, env):
@@ -322,24 +332,6 @@ class Quantize(Operation):
             return False
         return info.n_params > 100_000_000
 
-    def check_target(self, row):
-        if self.target.exists() and not self._valid():
-            row.bad_targets += 1
-            row.notes.append(f"{self.target} exists but is not a whole GGUF")
-
-    def partials(self):
-        return [p for p in self.out.iterdir() if p.name.startswith(".")]
-
-    def recover(self, row):
-        if not self.target.exists():
-            proc = self.run(self.command(), timeout=300)
-            if proc.returncode != 0:
-                row.failed_recoveries += 1
-                row.notes.append(f"quantize again: rc {proc.returncode} {proc.stderr[-300:]}")
-                return
-        if not self._valid():
-            row.failed_recoveries += 1
-            row.notes.append("quantize again left no valid output")
 
 
 class PromptCache(Operation):

@@ -210,14 +210,19 @@ class ServeEngine:
         snap = self.snapshot
         snap.running, snap.waiting, snap.kv_used = len(s.running), len(s.waiting), s.kv_used
         snap.kv_cached = s.kv_cached
-        now = time.perf_counter()
-        t0, p0, d0 = self._rate_mark
-        if now - t0 >= self.RATE_WINDOW_S:
-            st = s.stats
-            prompt, generated = st.prompt_tokens, st.decoded_tokens - st.prompt_tokens
-            snap.prefill_tps = (prompt - p0) / (now - t0)
-            snap.decode_tps = (generated - d0) / (now - t0)
-            self._rate_mark = (now, prompt, generated)
+        _rates(self, snap, s.stats)
+
+
+def _rates(engine, snap: Snapshot, st) -> None:
+    """The snapshot's tokens-per-second gauges from the scheduler's counters ``st``, averaged over
+    ``ServeEngine.RATE_WINDOW_S`` of wall time (``engine._rate_mark`` holds the window's start)."""
+    now = time.perf_counter()
+    t0, p0, d0 = engine._rate_mark
+    if now - t0 >= ServeEngine.RATE_WINDOW_S:
+        prompt, generated = st.prompt_tokens, st.decoded_tokens - st.prompt_tokens
+        snap.prefill_tps = (prompt - p0) / (now - t0)
+        snap.decode_tps = (generated - d0) / (now - t0)
+        engine._rate_mark = (now, prompt, generated)
 
 
 class Unavailable(Exception):
@@ -403,13 +408,7 @@ class IsolatedServeEngine:
         snap = self.snapshot
         snap.running, snap.waiting = st.running, st.waiting
         snap.kv_used, snap.kv_cached = st.kv_used, st.kv_cached
-        now = time.perf_counter()
-        t0, p0, d0 = self._rate_mark
-        if now - t0 >= ServeEngine.RATE_WINDOW_S:
-            prompt, generated = st.prompt_tokens, st.decoded_tokens - st.prompt_tokens
-            snap.prefill_tps = (prompt - p0) / (now - t0)
-            snap.decode_tps = (generated - d0) / (now - t0)
-            self._rate_mark = (now, prompt, generated)
+        _rates(self, snap, st)
 
 
 def _push(h: Handle, item: Any) -> None:
