@@ -103,8 +103,8 @@ def quantize_cmd(
 
         text = read_text(eval_text)  # a bad --eval-text fails before any work
     with _tensor_bars(out) as progress:
-        chunks_done = (lambda done, total, ppl: progress("imatrix chunks", done, total)) \
-            if progress else None
+        chunks_done = (lambda done, total, ppl: progress(
+            "imatrix", done, total, unit=f"chunks, running perplexity {ppl:.3f}")) if progress else None
         results, base = api.run(plan, opts, progress=progress, imatrix_progress=chunks_done,
                                 notice=lambda msg: out.info(escape(msg)))
     try:
@@ -224,7 +224,8 @@ def _gains(rows) -> list[dict]:
 
 
 class _tensor_bars:
-    """A rich bar of tensors done per output, on a terminal only."""
+    """A rich bar of tensors done per output (and of the imatrix's chunks, with the running
+    perplexity), on a terminal only."""
 
     def __init__(self, out):
         self.out, self.bars, self.tasks = out, None, {}
@@ -235,14 +236,14 @@ class _tensor_bars:
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         self.bars = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-                             TextColumn("tensors"), TimeElapsedColumn(), console=self.out.err)
+                             TextColumn("{task.fields[unit]}"), TimeElapsedColumn(), console=self.out.err)
         self.bars.__enter__()
         return self.update
 
-    def update(self, label: str, done: int, total: int) -> None:
+    def update(self, label: str, done: int, total: int, unit: str = "tensors") -> None:
         if label not in self.tasks:
-            self.tasks[label] = self.bars.add_task(label, total=total)
-        self.bars.update(self.tasks[label], completed=done, total=total)
+            self.tasks[label] = self.bars.add_task(label, total=total, unit=unit)
+        self.bars.update(self.tasks[label], completed=done, total=total, unit=unit)
 
     def __exit__(self, *exc):
         if self.bars is not None:
