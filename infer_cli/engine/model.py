@@ -86,6 +86,9 @@ class Model:
 
             info = read_gguf(self.path)
         self.info = info
+        from infer_cli.models.integrity import check_vocabulary
+
+        check_vocabulary(self.path)  # llama.cpp aborts the process on a token listed twice
         llama_log.install()
         L.llama_backend_init()
         params = L.llama_model_default_params()

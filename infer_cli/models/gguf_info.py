@@ -308,6 +308,19 @@ def read_gguf(path: str | os.PathLike[str], *, arrays: bool = False) -> GGUFInfo
             raise BadModelFile(path, f"read error: {e.strerror or e}") from None
 
 
+def check_vocabulary(path: str | os.PathLike[str]) -> None:
+    """BadModelFile when the vocabulary holds a token twice, which llama.cpp asserts on (an
+    abort of the whole process) while loading: a header walk that compares the tokens' bytes,
+    done before a model is loaded (``read_gguf`` does not: it reads headers for listings too)."""
+    path = os.fspath(path)
+    f, size = _open(path)
+    with f:
+        try:
+            _Parser(_Reader(f, size, path), False, unique_tokens=True).parse()
+        except OSError as e:
+            raise BadModelFile(path, f"read error: {e.strerror or e}") from None
+
+
 def parse_header(f: BinaryIO, size: int, name: str, *, arrays: bool = False) -> GGUFInfo:
     """Parse a GGUF header from ``f``, a binary file object of ``size`` bytes, as ``read_gguf``
     does; ``name`` stands for the file in messages and in ``GGUFInfo.path``.
@@ -555,12 +568,16 @@ class _Reader:
         if n > MAX_STRING_LENGTH:
             raise self.bad(f"{what} is a string of {_count(n)} bytes; llama.cpp allows 1 GiB")
 
-    def strings(self, count: int, keep: bool, what: str) -> list[str] | None:
-        """Walk ``count`` length-prefixed strings; return them decoded if ``keep``.
+    def strings(self, count: int, keep: bool, what: str, unique: bool = False) -> list[str] | None:
+        """Walk ``count`` length-prefixed strings; return them decoded if ``keep``. ``unique``:
+        refuse two equal strings (their bytes are compared, nothing is decoded).
 
         This is the hot loop for 262k-token vocabularies, hence locals instead of method calls;
         the window is only refilled when a length or a kept string crosses its end.
         """
+        if unique:  # (bytes up to a NUL, as llama.cpp reads a token through a C string)
+            keep = True
+            seen: dict[bytes, int] = {}
         out: list[str] | None = [] if keep else None
         buf, base, pos, size = self.buf, self.base, self.pos, self.size
         blen, u64 = len(buf), _U64
@@ -583,10 +600,25 @@ class _Reader:
                     off = self.window(n)
                     buf, base = self.buf, self.base
                     blen = len(buf)
-                out.append(buf[off:off + n].decode("utf-8", "replace"))
+                if unique:
+                    # as llama.cpp sees it: through a C string, cut at the first NUL
+                    raw = buf[off:off + n]
+                    z = raw.find(b"\0")
+                    if z >= 0:
+                        raw = raw[:z]
+                    first = seen.get(raw)
+                    if first is not None:
+                        self.pos = pos
+                        raise self.bad(f"{what} #{len(out)} repeats #{first} "
+                                       f"({raw[:40].decode('utf-8', 'replace')!r}); llama.cpp "
+                                       "aborts on a vocabulary with a token twice")
+                    seen[raw] = len(out)
+                    out.append("")
+                else:
+                    out.append(buf[off:off + n].decode("utf-8", "replace"))
             pos += n
         self.pos = pos
-        return out
+        return None if unique else out
 
     def scalars(self, vtype: int, count: int, keep: bool) -> list[Any] | None:
         _, code, width = _SCALARS[vtype]
@@ -609,8 +641,8 @@ class _Reader:
 
 
 class _Parser:
-    def __init__(self, r: _Reader, arrays: bool):
-        self.r, self.arrays = r, arrays
+    def __init__(self, r: _Reader, arrays: bool, unique_tokens: bool = False):
+        self.r, self.arrays, self.unique_tokens = r, arrays, unique_tokens
 
     def parse(self) -> GGUFInfo:
         r = self.r
@@ -714,6 +746,9 @@ class _Parser:
         if count > MAX_ARRAY_ELEMENTS:
             raise r.bad(f"'{key}' has {_count(count)} elements; llama.cpp allows 2^30")
         keep = self._keep_array(key, etype, count)
+        if etype == _STRING and key == "tokenizer.ggml.tokens" and self.unique_tokens:
+            r.strings(count, False, "token", unique=True)  # checked, not kept
+            return ArrayInfo(type_name, count), etype
         if etype == _STRING:
             values = r.strings(count, keep, f"an element of '{key}'")
         elif etype == _ARRAY:

@@ -116,3 +116,38 @@ def check(path: Path, sha256: str | None, what: str, fix: str, size: int | None 
         f"{stamp[0]:,} bytes where {size:,} were downloaded" if size is not None and stamp[0] != size
         else f"{stamp[0]:,} bytes whose sha256 is not the download's")
     raise ModelFileChanged(what, str(path), got, fix)
+
+
+# --- the vocabulary check before a load, remembered the same way -------------------------------
+
+def _vocab_records() -> Path:
+    return infer_home() / "vocab-checked.json"
+
+
+def check_vocabulary(path: Path) -> None:
+    """``gguf_info.check_vocabulary`` (a token listed twice aborts llama.cpp's load), skipped for
+    a file whose size and modification time are those it had when it last passed: the walk costs
+    a Python step per token (0.15 s for a 262k vocabulary)."""
+    from infer_cli.files import atomic_write
+    from infer_cli.models import gguf_info
+
+    real = Path(os.path.realpath(path))
+    stamp = _stamp(real)
+    try:
+        records = json.loads(_vocab_records().read_text(encoding="utf-8"))
+        records = records if isinstance(records, dict) else {}
+    except (OSError, ValueError):
+        records = {}
+    if stamp is not None and records.get(str(real)) == list(stamp):
+        return
+    gguf_info.check_vocabulary(real)
+    if stamp is None:
+        return
+    records[str(real)] = list(stamp)
+    if len(records) > _MAX_RECORDS:
+        records = dict(list(records.items())[-_MAX_RECORDS:])
+    try:
+        _vocab_records().parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(_vocab_records(), json.dumps(records, indent=0) + "\n")
+    except OSError:
+        pass
