@@ -32,12 +32,25 @@ def _records_file() -> Path:
     return infer_home() / "verified.json"
 
 
-def _load() -> dict:
+def _load(file: Path | None = None) -> dict:
     try:
-        data = json.loads(_records_file().read_text(encoding="utf-8"))
+        data = json.loads((file or _records_file()).read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return {}
     return data if isinstance(data, dict) else {}
+
+
+def _save(file: Path, records: dict) -> None:
+    """Best effort: a record that cannot be written only means one more check later."""
+    from infer_cli.files import atomic_write
+
+    if len(records) > _MAX_RECORDS:  # files long gone: keep the newest entries
+        records = dict(list(records.items())[-_MAX_RECORDS:])
+    try:
+        file.parent.mkdir(parents=True, exist_ok=True)
+        atomic_write(file, json.dumps(records, indent=0) + "\n")
+    except OSError:
+        pass
 
 
 def _stamp(path: Path) -> tuple[int, int] | None:
@@ -49,23 +62,14 @@ def _stamp(path: Path) -> tuple[int, int] | None:
 
 
 def record(path: Path, sha256: str) -> None:
-    """Remember that ``path`` (as it is now) has ``sha256``: called once a download is verified.
-    Best effort: a record that cannot be written only means one more hash later."""
-    from infer_cli.files import atomic_write
-
+    """Remember that ``path`` (as it is now) has ``sha256``: called once a download is verified."""
     real = Path(os.path.realpath(path))
     stamp = _stamp(real)
     if stamp is None:
         return
     records = _load()
     records[str(real)] = [stamp[0], stamp[1], sha256.lower()]
-    if len(records) > _MAX_RECORDS:  # files long gone: keep the newest entries
-        records = dict(list(records.items())[-_MAX_RECORDS:])
-    try:
-        _records_file().parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(_records_file(), json.dumps(records, indent=0) + "\n")
-    except OSError:
-        pass
+    _save(_records_file(), records)
 
 
 def expected_sha256(path: Path) -> str | None:
@@ -128,26 +132,15 @@ def check_vocabulary(path: Path) -> None:
     """``gguf_info.check_vocabulary`` (a token listed twice aborts llama.cpp's load), skipped for
     a file whose size and modification time are those it had when it last passed: the walk costs
     a Python step per token (0.15 s for a 262k vocabulary)."""
-    from infer_cli.files import atomic_write
     from infer_cli.models import gguf_info
 
     real = Path(os.path.realpath(path))
     stamp = _stamp(real)
-    try:
-        records = json.loads(_vocab_records().read_text(encoding="utf-8"))
-        records = records if isinstance(records, dict) else {}
-    except (OSError, ValueError):
-        records = {}
+    records = _load(_vocab_records())
     if stamp is not None and records.get(str(real)) == list(stamp):
         return
     gguf_info.check_vocabulary(real)
     if stamp is None:
         return
     records[str(real)] = list(stamp)
-    if len(records) > _MAX_RECORDS:
-        records = dict(list(records.items())[-_MAX_RECORDS:])
-    try:
-        _vocab_records().parent.mkdir(parents=True, exist_ok=True)
-        atomic_write(_vocab_records(), json.dumps(records, indent=0) + "\n")
-    except OSError:
-        pass
+    _save(_vocab_records(), records)
