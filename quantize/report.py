@@ -19,6 +19,8 @@ from infer_cli.errors import BadOption
 
 DEFAULT_EVAL_TOKENS = 2048
 DEFAULT_CTX = 512
+# Rows of logits turned into log-probabilities at a time: a few MiB, inside the CPU's caches.
+SOFTMAX_BLOCK_BYTES = 4 << 20
 
 
 @dataclass
@@ -70,6 +72,40 @@ def eval_text(path: Path | None) -> str:
     return text
 
 
+def log_softmax_blocks(session, tokens: list[int]):
+    """Decode ``tokens`` in ``session`` (every position's logits) and yield their
+    log-probabilities as ``log_softmax_rows`` does."""
+    import numpy as np
+
+    session.clear()
+    session.decode_all(tokens)
+    logits = np.ctypeslib.as_array(session.L.llama_get_logits(session.ptr),
+                                   shape=(len(tokens), session.model.n_vocab))
+    yield from log_softmax_rows(logits)
+
+
+def log_softmax_rows(logits):
+    """Yield (first row, float32 log-probabilities of that row and the next few) for a
+    (positions, vocabulary) array of logits, a block of rows at a time: the softmax of a whole
+    chunk at once (1024 positions of a 262k vocabulary are a gigabyte) would run at memory
+    speed through temporaries of that size, while a block stays in the CPU's caches. The
+    blocks are views of one scratch buffer: use each before asking for the next."""
+    import numpy as np
+
+    n, n_vocab = logits.shape
+    rows = max(1, min(n, SOFTMAX_BLOCK_BYTES // (4 * n_vocab)))
+    x = np.empty((rows, n_vocab), np.float32)
+    e = np.empty_like(x)
+    for i in range(0, n, rows):
+        k = min(rows, n - i)
+        xb, eb = x[:k], e[:k]
+        src = logits[i:i + k]
+        np.subtract(src, src.max(axis=1, keepdims=True), out=xb)
+        np.exp(xb, out=eb)
+        xb -= np.log(eb.sum(axis=1, keepdims=True))
+        yield i, xb
+
+
 class _Scorer:
     """A model with a context that returns logits for every position of a chunk."""
 
@@ -84,17 +120,20 @@ class _Scorer:
         self.n_ctx = n_ctx
         self.n_vocab = self.model.n_vocab
 
-    def logprobs(self, tokens: list[int]):
-        """(len(tokens), n_vocab) float32 log-probabilities after each token."""
+    def blocks(self, tokens: list[int]):
+        """``log_softmax_blocks`` of this scorer's session over ``tokens``."""
+        return log_softmax_blocks(self.session, tokens)
+
+    def logprobs(self, tokens: list[int], out=None):
+        """(len(tokens), n_vocab) float32 log-probabilities after each token, into ``out`` when
+        given (an array of that shape, the reference's memory-mapped file)."""
         import numpy as np
 
-        self.session.clear()
-        self.session.decode_all(tokens)
-        ptr = self.L.llama_get_logits(self.session.ptr)
-        x = np.ctypeslib.as_array(ptr, shape=(len(tokens), self.n_vocab)).astype(np.float32)
-        x -= x.max(axis=1, keepdims=True)
-        x -= np.log(np.exp(x).sum(axis=1, keepdims=True))
-        return x
+        if out is None:
+            out = np.empty((len(tokens), self.n_vocab), np.float32)
+        for i, lp in self.blocks(tokens):
+            out[i:i + len(lp)] = lp
+        return out
 
     def close(self) -> None:
         self.session.close()
@@ -145,8 +184,7 @@ class Reference:
             self.nll: list[float] = []
             pos = 0
             for c in self.chunks:
-                lp = scorer.logprobs(c)
-                self.lp[pos:pos + len(c)] = lp
+                lp = scorer.logprobs(c, out=self.lp[pos:pos + len(c)])
                 self.nll.extend(-lp[np.arange(len(c) - 1), c[1:]])
                 pos += len(c)
         finally:
@@ -161,11 +199,16 @@ class Reference:
         try:
             pos = 0
             for c in self.chunks:
-                lp = scorer.logprobs(c)[:-1]
-                ref = np.asarray(self.lp[pos:pos + len(c) - 1])
-                kls.append((np.exp(ref) * (ref - lp)).sum(axis=1))
-                agree += int((ref.argmax(axis=1) == lp.argmax(axis=1)).sum())
-                nll.extend(-lp[np.arange(len(c) - 1), c[1:]])
+                last = len(c) - 1  # the last position has no next token to score
+                for i, lp in scorer.blocks(c):
+                    k = min(len(lp), last - i)
+                    if k <= 0:
+                        break
+                    lp = lp[:k]
+                    ref = np.asarray(self.lp[pos + i:pos + i + k])
+                    kls.append((np.exp(ref) * (ref - lp)).sum(axis=1))
+                    agree += int((ref.argmax(axis=1) == lp.argmax(axis=1)).sum())
+                    nll.extend(-lp[np.arange(k), c[i + 1:i + 1 + k]])
                 pos += len(c)
         finally:
             scorer.close()

@@ -104,3 +104,44 @@ def test_quantize_report_orders_and_outputs_generate(infer, smollm2_f16, tmp_pat
         assert g.returncode == 0, g.stderr
         assert g.stdout.strip()
     assert [p.name for p in out.iterdir() if p.name.startswith(".")] == []
+
+
+def test_blockwise_log_softmax_equals_the_whole_array_formula(monkeypatch):
+    """The report's log-probabilities are computed a block of rows at a time (in the CPU's
+    caches); each row must come out bit for bit as the one-pass formula gives it, whatever the
+    block size, including a last block shorter than the others."""
+    import numpy as np
+
+    from quantize import report
+
+    rng = np.random.default_rng(7)
+    logits = (rng.standard_normal((37, 1000)) * 8).astype(np.float32)
+    x = logits.copy()
+    x -= x.max(axis=1, keepdims=True)
+    x -= np.log(np.exp(x).sum(axis=1, keepdims=True))
+    for block_bytes in (1, 4 * 1000 * 5, 4 * 1000 * 37, 1 << 30):
+        monkeypatch.setattr(report, "SOFTMAX_BLOCK_BYTES", block_bytes)
+        got = np.empty_like(x)
+        seen = []
+        for i, lp in report.log_softmax_rows(logits):
+            got[i:i + len(lp)] = lp
+            seen.append((i, len(lp)))
+        assert sum(k for _, k in seen) == 37 and seen[0][0] == 0
+        assert np.array_equal(got, x), block_bytes
+
+
+def test_reference_compare_of_the_model_with_itself_is_zero(smollm2_gguf, tmp_path, monkeypatch):
+    """KL, agreement and perplexity through the blockwise path, on real llama.cpp logits: the
+    model against itself scores KL 0 and top-1 agreement 1 with blocks smaller than a chunk."""
+    from quantize import report
+
+    monkeypatch.setattr(report, "SOFTMAX_BLOCK_BYTES", 4 * 49152 * 10)  # 10 rows a block
+    ref = report.Reference(smollm2_gguf, report.default_eval_text()[:3000], n_tokens=150,
+                           n_ctx=64, threads=2, workdir=tmp_path)
+    try:
+        q = ref.compare(smollm2_gguf)
+    finally:
+        ref.close()
+    assert q.positions == sum(len(c) - 1 for c in ref.chunks) > 100
+    assert q.kl_mean < 1e-6 and q.top1 == 1.0
+    assert abs(q.ppl - ref.ppl) < 1e-3 * ref.ppl and 1 < ref.ppl < 1000

@@ -32,6 +32,20 @@ COPY_ASK = "\n\nThe same passage, repeated word for word:\n\n"
 # seconds per parameter and thread for llama.cpp's quantizer (k-quants of a 135M model on this
 # kind of machine: 1-2 s with 2 threads); only for the estimate
 QUANT_S_PER_PARAM = 2.5e-8
+
+
+@dataclass(frozen=True)
+class Cost:
+    """What the calibration run measured, in seconds: a prefill token, a decode token, a load,
+    a token of a quality run's decode (logits at every position) and of its log-softmax."""
+
+    prefill: float
+    decode: float
+    load: float
+    scored: float
+    softmax: float
+
+
 # The KV section's quality run holds every position's logits (llama.cpp's output buffer, the
 # log-probabilities and a copy): at most this share of the available RAM.
 QUALITY_RAM_SHARE = 0.3
@@ -157,7 +171,7 @@ class Bench:
         self.src_qt = lookup(self.src_type)
         self.src_bpw = self.src_qt.bpw if self.src_qt else (self.info.bits_per_weight or 16.0)
         self.cache_dir = Path(s.cache_dir) if s.cache_dir else self.path.parent
-        self.cost = None  # (prefill s/token, decode s/token, load s), from calibrate()
+        self.cost: Cost | None = None  # from calibrate()
         self.interrupted = False
 
     def reference_room(self, positions: int) -> str | None:
@@ -227,15 +241,31 @@ class Bench:
 
     def calibrate(self) -> None:
         """A short run of the model: what a prefill token, a decode token and a load cost here."""
+        import numpy as np
+
+        from quantize.report import log_softmax_rows
+
         t0 = time.perf_counter()
         opts = replace(self.base, n_ctx=CTX_PAD)
         with M.Loaded(self.path, opts) as t:
             load = time.perf_counter() - t0
-            st = M.generate(t.session, M.text_tokens(t.model, self.text, 64), 1)
+            toks = M.text_tokens(t.model, self.text, 64)
+            st = M.generate(t.session, toks, 1)
             p = st.prefill_s / max(st.prompt_tokens, 1)
             st = M.generate(t.session, t.model.tokenize(SHORT_PROMPT), 17)
             d = st.decode_s / 16 if st.decode_s else p
-        self.cost = (p, d, load)
+            # the quality runs: every position's logits, then their log-softmax (numpy)
+            t1 = time.perf_counter()
+            t.session.clear()
+            t.session.decode_all(toks)
+            t2 = time.perf_counter()
+            logits = np.ctypeslib.as_array(t.model.L.llama_get_logits(t.session.ptr),
+                                           shape=(len(toks), t.model.n_vocab))
+            for _ in log_softmax_rows(logits):
+                pass
+            scored = (t2 - t1) / max(len(toks), 1)
+            softmax = (time.perf_counter() - t2) / max(len(toks), 1)
+        self.cost = Cost(p, d, load, scored, softmax)
 
     def _attn(self) -> float:
         """Attention's cost per token of depth, relative to a token's matrix products."""
@@ -250,18 +280,25 @@ class Bench:
         return per / max(self.info.weights_bytes, 1)
 
     def t_prefill(self, n: int, depth: int = 0, scale: float = 1.0) -> float:
-        p = self.cost[0]
+        p = self.cost.prefill
         return n * p * scale * (1 + self._attn() * (depth + n / 2))
 
     def t_decode(self, n: int, depth: int = 0, size_ratio: float = 1.0) -> float:
-        d = self.cost[1]
+        d = self.cost.decode
         return n * d * (0.3 + 0.7 * size_ratio) * (1 + self._kv_share() * depth + self._attn() * depth * 0.2)
+
+    def t_score(self, n: int, chunk: int, *, compare: bool = False) -> float:
+        """A quality run over ``n`` tokens in chunks of ``chunk``: the reference's
+        log-probabilities, or (``compare``) another model's against them, the KL divergence
+        being a second pass over every row."""
+        c = self.cost
+        return n * (c.scored * (1 + self._attn() * chunk / 2) + c.softmax * (2.0 if compare else 1.0))
 
     def estimate(self) -> dict[str, float]:
         """Seconds per section (calibrating first when needed)."""
         if self.cost is None:
             self.calibrate()
-        sz, reps, load = self.sizes, self.reps, self.cost[2]
+        sz, reps, load = self.sizes, self.reps, self.cost.load
         est: dict[str, float] = {}
         for name in self.s.only:
             if self.static_skip(name):
@@ -271,7 +308,8 @@ class Bench:
                 todo = [t for t, r in self.precision_targets() if r is None]
                 q = sum(QUANT_S_PER_PARAM * self.info.n_params * 2 / max(self.base.threads or 2, 1)
                         for _ in todo)
-                quality = (1 + len(todo)) * (self.t_prefill(sz.eval_tokens) + load)
+                quality = ((1 + len(todo)) * load + self.t_score(sz.eval_tokens, sz.quality_ctx)
+                           + len(todo) * self.t_score(sz.eval_tokens, sz.quality_ctx, compare=True))
                 speed = sum(load + self.t_prefill(sz.pp) + self.t_decode(sz.tg, size_ratio=r)
                             for r in [1.0] + [t.bpw / self.src_bpw for t in todo])
                 est[name] = q + quality + reps * speed
@@ -280,7 +318,8 @@ class Bench:
                 qctx = self.kv_quality_ctx()[0]
                 est[name] = (len(KV_TYPES) * (self.t_prefill(n) + load)
                              + reps * len(KV_TYPES) * self.t_decode(sz.tg, depth=n)
-                             + len(KV_TYPES) * (self.t_prefill(qctx) + load))
+                             + len(KV_TYPES) * load + self.t_score(qctx, qctx)
+                             + (len(KV_TYPES) - 1) * self.t_score(qctx, qctx, compare=True))
             elif name == "flash-attn":
                 n = self.ctx - sz.tg - 2
                 long_ok = self.fits(n_ctx=self.ctx)[0]
@@ -410,7 +449,7 @@ class Bench:
             row.metrics.update(path=str(path), size=path.stat().st_size)
             measured.append((row, path))
         # quality against the model itself, on the evaluation text of `infer quantize`
-        load = self.cost[2] if self.cost else 0.0
+        load = self.cost.load if self.cost else 0.0
         no_room = self.reference_room(sz.eval_tokens)
         if no_room:
             sec.notes.append(f"quality not measured: {no_room}")
@@ -422,7 +461,7 @@ class Bench:
         from quantize.report import Reference
 
         sz = self.sizes
-        tick("reference log-probabilities", self.t_prefill(sz.eval_tokens) + load)
+        tick("reference log-probabilities", self.t_score(sz.eval_tokens, sz.quality_ctx) + load)
         reference = Reference(self.path, self.text, n_tokens=sz.eval_tokens, n_ctx=sz.quality_ctx,
                               threads=self.base.threads, workdir=self.cache_dir)
         try:
@@ -430,7 +469,8 @@ class Bench:
             ref.metrics["quality"] = {"kl_mean": 0.0, "kl_p99": 0.0, "top1": 1.0, "ppl": reference.ppl,
                                       "ref_ppl": reference.ppl, "positions": positions}
             for row, path in measured[1:]:
-                tick(f"quality of {row.label}", self.t_prefill(sz.eval_tokens) + load)
+                tick(f"quality of {row.label}",
+                     self.t_score(sz.eval_tokens, sz.quality_ctx, compare=True) + load)
                 row.metrics["quality"] = asdict(reference.compare(path))
         finally:
             reference.close()
@@ -490,7 +530,7 @@ class Bench:
         from quantize.report import Reference
 
         sz = self.sizes
-        load = self.cost[2] if self.cost else 0.0
+        load = self.cost.load if self.cost else 0.0
         sec.baseline = "f16"
         n_long = self.ctx - sz.tg - 2
         rows = {t: Row(t) for t in KV_TYPES}
@@ -536,7 +576,7 @@ class Bench:
         if no_room:
             sec.notes.append(f"quality not measured: {no_room}")
             return
-        tick(f"f16 log-probabilities at {qctx} tokens", self.t_prefill(qctx) + load)
+        tick(f"f16 log-probabilities at {qctx} tokens", self.t_score(qctx, qctx) + load)
         reference = Reference(self.path, self.text, n_tokens=qctx, n_ctx=qctx,
                               threads=self.base.threads, workdir=self.cache_dir)
         try:
@@ -546,7 +586,7 @@ class Bench:
             for t in KV_TYPES[1:]:
                 if t not in live:
                     continue
-                tick(f"quality of a {t} cache", self.t_prefill(qctx) + load)
+                tick(f"quality of a {t} cache", self.t_score(qctx, qctx, compare=True) + load)
                 try:
                     rows[t].metrics["quality"] = asdict(reference.compare(self.path, kv=(t, t)))
                 except InferError as e:
