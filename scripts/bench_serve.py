@@ -263,11 +263,13 @@ class ServerSpec:
     kind: str         # infer | llama-server | llama-cpp-python
     parallel: int
     clients: tuple[int, ...]
+    extra: tuple[str, ...] = ()  # more options for the server
 
     def argv(self, model: Path, port: int, ctx: int, threads: int) -> list[str]:
         if self.kind == "infer":
             return [str(ROOT / ".venv/bin/infer"), "serve", str(model), "--port", str(port),
-                    "--parallel", str(self.parallel), "--ctx", str(ctx), "--threads", str(threads)]
+                    "--parallel", str(self.parallel), "--ctx", str(ctx), "--threads", str(threads),
+                    *self.extra]
         if self.kind == "llama-server":
             return [str(native_bin() / "llama-server"), "-m", str(model), "--host", HOST,
                     "--port", str(port), "-c", str(ctx), "-t", str(threads),
@@ -387,6 +389,9 @@ def pct(xs: list[float], q: float) -> float:
 SPECS = {
     "infer4": ServerSpec("infer4", "infer serve --parallel 4", "infer", 4, (1, 4, 16)),
     "infer16": ServerSpec("infer16", "infer serve --parallel 16", "infer", 16, (16,)),
+    # a chunk per token, whatever the default --stream-interval: what coalescing buys
+    "infer4-tok": ServerSpec("infer4-tok", "infer serve --parallel 4 --stream-interval 0", "infer", 4,
+                             (1, 4, 16), ("--stream-interval", "0")),
     "llama4": ServerSpec("llama4", "llama-server -np 4", "llama-server", 4, (1, 4, 16)),
     "llama16": ServerSpec("llama16", "llama-server -np 16", "llama-server", 16, (16,)),
     "lcp": ServerSpec("lcp", "llama-cpp-python server", "llama-cpp-python", 1, (1, 4)),
@@ -510,7 +515,9 @@ def compute_ratios(summary, sets) -> list[dict]:
 
     for s in sets:
         for mine, theirs, c in (("infer4", "llama4", 1), ("infer4", "llama4", 4),
-                                ("infer4", "llama4", 16), ("infer16", "llama16", 16)):
+                                ("infer4", "llama4", 16), ("infer16", "llama16", 16),
+                                ("infer4-tok", "llama4", 1), ("infer4-tok", "llama4", 4),
+                                ("infer4-tok", "llama4", 16)):
             a, b = get(mine, s, c), get(theirs, s, c)
             if a and b:
                 rows.append({"set": s, "what": f"aggregate tok/s {mine} / {theirs}", "clients": c,

@@ -363,6 +363,37 @@ def test_queue_full_is_503(guarded):
     assert done["first"] == (200, "data: [DONE]") and done["second"] == (200, "data: [DONE]")
 
 
+def test_stream_interval_puts_several_tokens_in_a_chunk(smollm2_gguf, tmp_path):
+    """--stream-interval: a stream faster than the interval gets several tokens a chunk; the
+    text and the log-probabilities are the plain answer's, none lost or repeated; the first
+    token is not held back. With 0 every token is a chunk of its own."""
+    ask = dict(model="x", messages=[{"role": "user", "content": "Tell me a story."}],
+               max_tokens=40, temperature=0, logprobs=True, top_logprobs=1)
+    seen = {}
+    for interval in ("0.3", "0"):
+        s = _start(smollm2_gguf, tmp_path, "--parallel", "1", "--stream-interval", interval)
+        try:
+            c = s.client()
+            plain = c.chat.completions.create(**ask)
+            chunks = [ch for ch in c.chat.completions.create(**ask, stream=True)
+                      if ch.choices and ch.choices[0].delta.content]
+        finally:
+            _stop(s)
+        text = plain.choices[0].message.content
+        assert "".join(ch.choices[0].delta.content for ch in chunks) == text
+        lps = [e.token for ch in chunks for e in ch.choices[0].logprobs.content]
+        assert lps == [e.token for e in plain.choices[0].logprobs.content]
+        assert len(chunks[0].choices[0].logprobs.content) == 1  # the first token at once
+        seen[interval] = (len(chunks), plain.usage.completion_tokens)
+    n, tokens = seen["0.3"]
+    assert tokens >= 30 and n < tokens / 2, seen
+    n, tokens = seen["0"]
+    assert n >= tokens - 2, seen  # (a token may complete no character on its own)
+    with pytest.raises(subprocess.CalledProcessError):
+        subprocess.run([sys.executable, "-c", _LAUNCH, "serve", str(smollm2_gguf),
+                        "--stream-interval", "-1"], check=True, capture_output=True, timeout=60)
+
+
 # --- last: stopping (ends the module's default server) -------------------------------------------
 
 def test_sigterm_stops_within_seconds(server):

@@ -15,6 +15,7 @@ import typer
 
 from infer_cli.cli.options import (EngineArgs, ModelArg, ParallelOpt, RevisionOpt, SamplingArgs,
                                    option_groups)
+from infer_cli.serve.engine import STREAM_INTERVAL_S
 
 GRACE_S = 3.0  # on Ctrl-C / SIGTERM: how long running answers may finish before they are cut
 
@@ -40,6 +41,9 @@ def serve(
     cors: Annotated[Optional[list[str]], typer.Option(
         "--cors", help="Allow browser pages from this origin (repeatable; * for any). Off by "
         "default.", show_default=False)] = None,
+    stream_interval: Annotated[float, typer.Option(
+        "--stream-interval", help="Seconds between a stream's chunks at most: a fast stream sends "
+        "the tokens of that time in one chunk (0: a chunk per token).")] = STREAM_INTERVAL_S,
     no_share: Annotated[bool, typer.Option(
         "--no-prefix-sharing", help="Compute every prompt in full, even where prompts start alike.")] = False,
     *,
@@ -60,6 +64,8 @@ def serve(
         raise typer.BadParameter("must be at least 1", param_hint="--parallel")
     if queue < 0:
         raise typer.BadParameter("must be 0 or more", param_hint="--queue")
+    if not 0 <= stream_interval <= 10:
+        raise typer.BadParameter("must be 0..10 seconds", param_hint="--stream-interval")
     if not 0 < port < 65536:
         raise typer.BadParameter("must be 1..65535", param_hint="--port")
     opts = engine_args.options(parallel)
@@ -80,7 +86,7 @@ def serve(
     # A local file is named by its file name: the full path says nothing to a client.
     model_id = Path(resolved.name).stem if resolved.source == "local" else resolved.name
     settings = Settings(model_id=model_id, api_key=api_key or None, cors=list(cors or ()),
-                        queue_limit=queue, log=log,
+                        queue_limit=queue, log=log, stream_interval=stream_interval,
                         defaults=Defaults(sampling, sampling_args.max_tokens, sampling_args.stops,
                                           sampling_args.system))
     app = create_app(settings)

@@ -26,8 +26,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from infer_cli.engine.json_schema import JSON_OBJECT_GBNF, UnsupportedSchema, to_gbnf
 from infer_cli.engine.sampling import Sampling
 from infer_cli.serve import protocol as P
-from infer_cli.serve.engine import (WORKER_LOST, IsolatedServeEngine, QueueFull, ServeEngine,
-                                    ShuttingDown, Unavailable)
+from infer_cli.serve.engine import (STREAM_INTERVAL_S, WORKER_LOST, IsolatedServeEngine, QueueFull,
+                                    ServeEngine, ShuttingDown, Unavailable)
 from infer_cli.serve.metrics import CONTENT_TYPE_LATEST, Metrics
 
 MAX_BODY = 8 * 1024 * 1024
@@ -64,6 +64,7 @@ class Settings:
     cors: list[str] = field(default_factory=list)
     max_body: int = MAX_BODY
     queue_limit: int = 64
+    stream_interval: float = STREAM_INTERVAL_S  # a stream's text is handed over at most this often
     defaults: Defaults = Defaults()
     log: Callable[[str], None] | None = None   # one line per request
 
@@ -97,7 +98,8 @@ class Server:
                                               log=self.settings.log)
         else:
             self.engine = ServeEngine(batch_engine, queue_limit=self.settings.queue_limit,
-                                      metrics=self.metrics)
+                                      metrics=self.metrics,
+                                      stream_interval=self.settings.stream_interval)
         self.metrics.attach(self.engine, self.n_ctx)
         self.status = "ok"  # before the engine runs: a child lost at once says so after this
         self.engine.start()

@@ -24,6 +24,11 @@ from dataclasses import dataclass
 from typing import Any
 
 
+# Streamed text is handed to a client at most every this many seconds (0: every token): a lone
+# fast stream gets a few tokens a chunk instead of waking the event loop on every token.
+STREAM_INTERVAL_S = 0.0
+
+
 class QueueFull(Exception):
     """More sequences in flight than the slots and the wait queue hold."""
 
@@ -50,6 +55,8 @@ class Handle:
 
     def __init__(self, index: int, req, sink, loop):
         self.index, self.req, self.sink, self.loop = index, req, sink, loop
+        self.pending: list[str] = []    # text not handed to the client yet (see stream_interval)
+        self.pushed_at = 0.0            # when text was last handed over
         self.cancelled = False
         self.error: str | None = None  # set when the engine itself failed under it
         self.seq = None                # set by the engine thread
@@ -80,8 +87,13 @@ class ServeEngine:
 
     RATE_WINDOW_S = 1.0  # tokens-per-second gauges are averaged over this much wall time
 
-    def __init__(self, batch_engine, *, queue_limit: int, metrics=None):
+    def __init__(self, batch_engine, *, queue_limit: int, metrics=None,
+                 stream_interval: float = STREAM_INTERVAL_S):
         self.batch = batch_engine
+        # Text of one sequence is handed to its client at most this often (seconds; 0: every
+        # token). Each hand-over wakes the event loop's thread, whose Python work then competes
+        # with llama.cpp's threads for the cores; a fast lone stream batches a few tokens a chunk.
+        self.stream_interval = stream_interval
         self.sched = batch_engine.scheduler
         self.parallel = batch_engine.context.n_seq
         self.capacity = self.parallel + max(0, queue_limit)
@@ -154,6 +166,8 @@ class ServeEngine:
                     sched.step()
                 except Exception as e:  # noqa: BLE001 - one failed step must not stop the server
                     self._fail_all(f"{type(e).__name__}: {e}")
+                if self.stream_interval > 0:
+                    self._flush_held(sched)
             self._publish()
             if self._exit and not sched.busy and self._inbox.empty():
                 return
@@ -189,6 +203,9 @@ class ServeEngine:
         handed out yet)."""
         h: Handle = seq.id
         if seq.finished:
+            if h.pending:
+                self._push(h, (h.index, "".join(h.pending), None, seq.new_logprobs()))
+                h.pending.clear()
             res = result(seq, h.error)
             with self._lock:
                 self._in_flight -= 1
@@ -196,7 +213,27 @@ class ServeEngine:
                 self.metrics.finished(res)
             self._push(h, (h.index, None, res, seq.new_logprobs()))
         elif text:
-            self._push(h, (h.index, text, None, seq.new_logprobs()))
+            now = time.perf_counter()
+            if self.stream_interval <= 0 or now - h.pushed_at >= self.stream_interval:
+                if h.pending:
+                    text = "".join(h.pending) + text
+                    h.pending.clear()
+                h.pushed_at = now
+                self._push(h, (h.index, text, None, seq.new_logprobs()))
+            else:
+                h.pending.append(text)
+
+    def _flush_held(self, sched) -> None:
+        """Hand over held text that is due, and all of it when the next step computes a prompt
+        (a long step: the text would otherwise wait for it)."""
+        now = time.perf_counter()
+        long_step = bool(sched.waiting) or any(not s.generating for s in sched.running)
+        for seq in sched.running:
+            h = seq.id
+            if h.pending and (long_step or now - h.pushed_at >= self.stream_interval):
+                h.pushed_at = now
+                self._push(h, (h.index, "".join(h.pending), None, seq.new_logprobs()))
+                h.pending.clear()
 
     @staticmethod
     def _push(h: Handle, item: Any) -> None:
