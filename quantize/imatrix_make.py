@@ -83,10 +83,9 @@ class _Ggml:
     """The few libggml calls the collector needs, checked against this struct layout once."""
 
     def __init__(self, L):
-        from infer_cli.engine.binding import FIX
-        from infer_cli.plan.hardware import libggml
+        from infer_cli.engine.binding import FIX, native_library
 
-        lib = libggml(L)
+        lib = native_library(L, "libggml")
         if lib is None:
             raise BrokenInstall("llama-cpp-python ships no libggml to read tensors from", FIX)
         try:

@@ -389,9 +389,11 @@ def pct(xs: list[float], q: float) -> float:
 SPECS = {
     "infer4": ServerSpec("infer4", "infer serve --parallel 4", "infer", 4, (1, 4, 16)),
     "infer16": ServerSpec("infer16", "infer serve --parallel 16", "infer", 16, (16,)),
-    # a chunk per token, whatever the default --stream-interval: what coalescing buys
+    # a chunk per token and chunks of 50 ms, whatever the default --stream-interval
     "infer4-tok": ServerSpec("infer4-tok", "infer serve --parallel 4 --stream-interval 0", "infer", 4,
                              (1, 4, 16), ("--stream-interval", "0")),
+    "infer4-50ms": ServerSpec("infer4-50ms", "infer serve --parallel 4 --stream-interval 0.05", "infer",
+                              4, (1, 4, 16), ("--stream-interval", "0.05")),
     "llama4": ServerSpec("llama4", "llama-server -np 4", "llama-server", 4, (1, 4, 16)),
     "llama16": ServerSpec("llama16", "llama-server -np 16", "llama-server", 16, (16,)),
     "lcp": ServerSpec("lcp", "llama-cpp-python server", "llama-cpp-python", 1, (1, 4)),
@@ -517,7 +519,8 @@ def compute_ratios(summary, sets) -> list[dict]:
         for mine, theirs, c in (("infer4", "llama4", 1), ("infer4", "llama4", 4),
                                 ("infer4", "llama4", 16), ("infer16", "llama16", 16),
                                 ("infer4-tok", "llama4", 1), ("infer4-tok", "llama4", 4),
-                                ("infer4-tok", "llama4", 16)):
+                                ("infer4-tok", "llama4", 16), ("infer4-50ms", "llama4", 1),
+                                ("infer4-50ms", "llama4", 4), ("infer4-50ms", "llama4", 16)):
             a, b = get(mine, s, c), get(theirs, s, c)
             if a and b:
                 rows.append({"set": s, "what": f"aggregate tok/s {mine} / {theirs}", "clients": c,

@@ -58,14 +58,33 @@ class BuildInfo:
         return [b for b in self.backends if b.upper() not in HOST_BACKENDS]
 
 
+def native_library(llama_cpp, stem: str) -> ctypes.CDLL | None:
+    """One of the native libraries ``llama_cpp`` ships in its ``lib`` folder (``stem`` as in
+    "libllama", "libggml", "libggml-base", "libggml-rpc"), for calls the binding does not wrap
+    or wraps with other types; the process already has it loaded, so this is the same copy.
+    None when it is not there or does not load."""
+    import os
+
+    lib_dir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
+    bare = stem[3:] if stem.startswith("lib") else stem
+    for name in (stem + ".so", stem + ".dylib", bare + ".dll"):
+        path = os.path.join(lib_dir, name)
+        if os.path.exists(path):
+            try:
+                return ctypes.CDLL(path)
+            except OSError:
+                return None
+    return None
+
+
 def build_info(llama_cpp) -> BuildInfo:
     """The versions and backends of the llama.cpp build that ``llama_cpp`` loaded.
 
     llama.cpp's LLAMA_BUILD_NUMBER / LLAMA_COMMIT live in its `common` library, which the binding
     does not ship; the commit comes from libggml (``ggml_commit``), built from the same tree."""
-    from infer_cli.plan.hardware import gpu_offload, libggml, llama_backends
+    from infer_cli.plan.hardware import gpu_offload, llama_backends
 
-    lib = libggml(llama_cpp)
+    lib = native_library(llama_cpp, "libggml")
     try:
         llama = llama_cpp.llama_version().decode(errors="replace")
     except AttributeError:  # a binding without llama_version

@@ -218,8 +218,9 @@ class Session:
         best (llama.cpp's drafts judge confidence the same way, after a top-10 cut)."""
         import numpy as np
 
-        logits = np.ctypeslib.as_array(self.L.llama_get_logits_ith(self.ptr, idx),
-                                       shape=(self.model.n_vocab,))
+        from infer_cli.engine.sampling import logits_row
+
+        logits = logits_row(self.L, self.ptr, idx, self.model.n_vocab)
         best = int(logits.argmax())
         head = np.partition(logits, -k)[-k:]
         return best, 1.0 / float(np.exp(head - logits[best]).sum())

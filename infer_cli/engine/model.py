@@ -61,14 +61,15 @@ def _cpu_buffer_type() -> int:
     to keep a tensor in host memory (libggml-base, loaded already by libllama)."""
     import llama_cpp
 
-    lib_dir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
-    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll"):
-        path = os.path.join(lib_dir, name)
-        if os.path.exists(path):
-            fn = ctypes.CDLL(path).ggml_backend_cpu_buffer_type
-            fn.restype, fn.argtypes = ctypes.c_void_p, []
-            return fn()
-    raise ModelLoadFailed(lib_dir, "llama.cpp's ggml-base library is not there (needed for --cpu-moe)")
+    from infer_cli.engine.binding import native_library
+
+    lib = native_library(llama_cpp, "libggml-base")
+    if lib is None:
+        raise ModelLoadFailed(os.path.join(os.path.dirname(llama_cpp.__file__), "lib"),
+                              "llama.cpp's ggml-base library is not there (needed for --cpu-moe)")
+    fn = lib.ggml_backend_cpu_buffer_type
+    fn.restype, fn.argtypes = ctypes.c_void_p, []
+    return fn()
 
 
 class Model:

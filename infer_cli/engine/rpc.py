@@ -230,18 +230,10 @@ def alive(endpoint: Endpoint | str, timeout: float = 1.0) -> bool:
 
 class _Libs:
     def __init__(self, llama_cpp):
-        lib_dir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
-        self.rpc = self.ggml = None
-        for name in ("libggml-rpc.so", "libggml-rpc.dylib", "ggml-rpc.dll"):
-            path = os.path.join(lib_dir, name)
-            if os.path.exists(path):
-                self.rpc = ctypes.CDLL(path)
-                break
-        for name in ("libggml.so", "libggml.dylib", "ggml.dll"):
-            path = os.path.join(lib_dir, name)
-            if os.path.exists(path):
-                self.ggml = ctypes.CDLL(path)
-                break
+        from infer_cli.engine.binding import native_library
+
+        self.rpc = native_library(llama_cpp, "libggml-rpc")
+        self.ggml = native_library(llama_cpp, "libggml")
         if self.rpc is None or self.ggml is None:
             return
         r, g = self.rpc, self.ggml

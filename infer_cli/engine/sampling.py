@@ -7,6 +7,51 @@ from dataclasses import dataclass
 from typing import Sequence
 
 
+class _LogitRows:
+    """Numpy views of llama.cpp's logits rows, made once per address.
+
+    ``np.ctypeslib.as_array`` builds a ctypes array type and an array interface on every call;
+    right after a decode, with the caches full of weights, that Python path costs 60-80 us a
+    token (~1% of SmolLM2's decode step). Here llama_get_logits_ith is called through a second
+    function object that returns the bare address, and a row's view is kept by address: the
+    address is asked for anew every time, so a view is only ever read where llama.cpp's output
+    buffer is now (it moves when llama.cpp reallocates it; the old views are then not used)."""
+
+    MAX_VIEWS = 1024
+
+    def __init__(self):
+        self.fn = None
+        self.views: dict[tuple[int, int], object] = {}
+
+    def __call__(self, L, ctx, idx: int, n_vocab: int):
+        import ctypes
+
+        import numpy as np
+
+        fn = self.fn
+        if fn is None:
+            from infer_cli.engine.binding import native_library
+
+            # lib[name] is a new function object: the binding's own keeps its types
+            fn = native_library(L, "libllama")["llama_get_logits_ith"]
+            fn.argtypes, fn.restype = [ctypes.c_void_p, ctypes.c_int32], ctypes.c_void_p
+            self.fn = fn
+        addr = fn(ctx, idx)
+        if not addr:
+            raise ValueError(f"llama.cpp has no logits at output {idx}")
+        key = (addr, n_vocab)
+        view = self.views.get(key)
+        if view is None:
+            if len(self.views) >= self.MAX_VIEWS:
+                self.views.clear()
+            view = np.frombuffer((ctypes.c_float * n_vocab).from_address(addr), dtype=np.float32)
+            self.views[key] = view
+        return view
+
+
+logits_row = _LogitRows()  # logits_row(L, ctx, idx, n_vocab): the float32 logits of output idx
+
+
 @dataclass(frozen=True)
 class Sampling:
     """llama.cpp's sampler chain: a grammar, penalties, top-k, top-p, min-p, temperature, then
@@ -80,11 +125,8 @@ class Sampler:
         """Sample from the logits of output ``idx`` (-1: the last)."""
         if self.grammar is not None:
             return self._sample_constrained(ctx, idx)
-        if self.argmax:
-            import numpy as np
-
-            logits = np.ctypeslib.as_array(self.L.llama_get_logits_ith(ctx, idx), shape=(self.n_vocab,))
-            return int(logits.argmax())  # the first maximum, as llama.cpp's greedy sampler
+        if self.argmax:  # the first maximum, as llama.cpp's greedy sampler
+            return int(logits_row(self.L, ctx, idx, self.n_vocab).argmax())
         # llama_sampler_sample also accepts the token (penalties see it).
         return self.L.llama_sampler_sample(self.ptr, ctx, idx)
 

@@ -172,7 +172,9 @@ def token_logprobs(model, ctx, idx: int, token: int, top: int) -> dict:
     most likely tokens. One pass over the vocabulary: only sequences that ask pay for it."""
     import numpy as np
 
-    logits = np.ctypeslib.as_array(model.L.llama_get_logits_ith(ctx, idx), shape=(model.n_vocab,))
+    from infer_cli.engine.sampling import logits_row
+
+    logits = logits_row(model.L, ctx, idx, model.n_vocab)
     peak = float(logits.max())
     norm = peak + float(np.log(np.exp(logits - peak, dtype=np.float64).sum()))
 

@@ -168,25 +168,13 @@ def _apple() -> list[GPU]:
     return [GPU(chip, limit, None, "metal", None, None, "sysctl")]
 
 
-def libggml(llama_cpp) -> ctypes.CDLL | None:
-    """The libggml that ``llama_cpp`` loaded (its ``lib`` folder), for the ggml calls the binding
-    does not wrap; None when it is not there. Its symbols include libggml-base's."""
-    lib_dir = os.path.join(os.path.dirname(llama_cpp.__file__), "lib")
-    for name in ("libggml.so", "libggml.dylib", "ggml.dll"):
-        path = os.path.join(lib_dir, name)
-        if os.path.exists(path):
-            try:
-                return ctypes.CDLL(path)
-            except OSError:
-                return None
-    return None
-
-
 def _ggml_objects(llama_cpp, kind: str, *texts: str) -> list[tuple[str, ...]]:
     """For each ggml object of one kind that libggml lists ('reg': registered backends, 'dev':
     devices), the strings ``ggml_backend_<kind>_<text>`` returns for it ('' for NULL); empty
     when libggml cannot be asked (absent, or a build without these calls)."""
-    lib = libggml(llama_cpp)
+    from infer_cli.engine.binding import native_library
+
+    lib = native_library(llama_cpp, "libggml")
     if lib is None:
         return []
     try:

@@ -26,7 +26,7 @@ from typing import Any
 
 # Streamed text is handed to a client at most every this many seconds (0: every token): a lone
 # fast stream gets a few tokens a chunk instead of waking the event loop on every token.
-STREAM_INTERVAL_S = 0.0
+STREAM_INTERVAL_S = 0.05
 
 
 class QueueFull(Exception):
