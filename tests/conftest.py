@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -13,6 +14,12 @@ from pathlib import Path
 import pytest
 
 from tests.hubserver import hub  # noqa: F401  (the fake hub fixture)
+
+# A suite started in the background of a shell without job control (`cmd &`, nohup) inherits
+# SIGINT ignored, and so would every command a test starts: the Ctrl-C tests would then test
+# nothing but that. Let this process (and through exec, the commands) take SIGINT again.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 ROOT = Path(__file__).resolve().parent.parent
 TEST_HOME = ROOT / ".cache" / "test-home"
