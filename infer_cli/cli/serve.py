@@ -43,7 +43,7 @@ def serve(
         "default.", show_default=False)] = None,
     stream_interval: Annotated[float, typer.Option(
         "--stream-interval", help="Seconds between a stream's chunks at most: a fast stream sends "
-        "the tokens of that time in one chunk (0: a chunk per token).")] = STREAM_INTERVAL_S,
+        "the tokens of that time in one chunk (0: a chunk per token; with --rpc always 0).")] = STREAM_INTERVAL_S,
     no_share: Annotated[bool, typer.Option(
         "--no-prefix-sharing", help="Compute every prompt in full, even where prompts start alike.")] = False,
     *,
