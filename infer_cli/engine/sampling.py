@@ -24,12 +24,10 @@ class _LogitRows:
         self.views: dict[tuple[int, int], object] = {}
 
     def __call__(self, L, ctx, idx: int, n_vocab: int):
-        import ctypes
-
-        import numpy as np
-
         fn = self.fn
         if fn is None:
+            import ctypes
+
             from infer_cli.engine.binding import native_library
 
             # lib[name] is a new function object: the binding's own keeps its types
@@ -41,7 +39,11 @@ class _LogitRows:
             raise ValueError(f"llama.cpp has no logits at output {idx}")
         key = (addr, n_vocab)
         view = self.views.get(key)
-        if view is None:
+        if view is None:  # (the imports only here: this is every decoded token's path)
+            import ctypes
+
+            import numpy as np
+
             if len(self.views) >= self.MAX_VIEWS:
                 self.views.clear()
             view = np.frombuffer((ctypes.c_float * n_vocab).from_address(addr), dtype=np.float32)

@@ -204,8 +204,7 @@ class ServeEngine:
         h: Handle = seq.id
         if seq.finished:
             if h.pending:
-                self._push(h, (h.index, "".join(h.pending), None, seq.new_logprobs()))
-                h.pending.clear()
+                self._hand_over(h, seq, "", time.perf_counter())
             res = result(seq, h.error)
             with self._lock:
                 self._in_flight -= 1
@@ -215,13 +214,17 @@ class ServeEngine:
         elif text:
             now = time.perf_counter()
             if self.stream_interval <= 0 or now - h.pushed_at >= self.stream_interval:
-                if h.pending:
-                    text = "".join(h.pending) + text
-                    h.pending.clear()
-                h.pushed_at = now
-                self._push(h, (h.index, text, None, seq.new_logprobs()))
+                self._hand_over(h, seq, text, now)
             else:
                 h.pending.append(text)
+
+    def _hand_over(self, h: Handle, seq, text: str, now: float) -> None:
+        """Push the held text of ``h`` and then ``text`` as one chunk."""
+        if h.pending:
+            text = "".join(h.pending) + text
+            h.pending.clear()
+        h.pushed_at = now
+        self._push(h, (h.index, text, None, seq.new_logprobs()))
 
     def _flush_held(self, sched) -> None:
         """Hand over held text that is due, and all of it when the next step computes a prompt
@@ -231,9 +234,7 @@ class ServeEngine:
         for seq in sched.running:
             h = seq.id
             if h.pending and (long_step or now - h.pushed_at >= self.stream_interval):
-                h.pushed_at = now
-                self._push(h, (h.index, "".join(h.pending), None, seq.new_logprobs()))
-                h.pending.clear()
+                self._hand_over(h, seq, "", now)
 
     @staticmethod
     def _push(h: Handle, item: Any) -> None:
