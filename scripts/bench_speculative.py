@@ -235,6 +235,21 @@ def summarize(label, r, n_prompts) -> dict:
     }
 
 
+HEADER = ("| pair | plain t/s | native t/s (best n) | infer spec t/s | vs native (min) | "
+          "vs plain (min) | same text as plain | acceptance | off / back on (runs) | "
+          "spec spread, within 8% | plain spread, within 8% |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|")
+
+
+def row(s: dict) -> str:
+    return (f"| {s['label']} | {s['plain']:.1f} | {s['native']:.1f} ({s['best']}) | "
+            f"{s['spec']:.1f} | {s['vs_native']:.2f} ({s['vs_native_min']:.2f}) | "
+            f"{s['vs_plain']:.2f} ({s['vs_plain_min']:.2f}) | {s['same']} | "
+            f"{s['acceptance']:.0%} | {s['offs']} / {s['ons']} | "
+            f"{s['spread']:.1%}, {s['within8']} | {s['plain_spread']:.1%}, "
+            f"{s['plain_within8']} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--reps", type=int, default=5)
@@ -247,12 +262,15 @@ def main() -> None:
     ap.add_argument("--pairs", default="gemma,smollm2-f32,smollm2-f16,lookup")
     ap.add_argument("--sets", default="tuning,held-out")
     ap.add_argument("--prompts", type=int, default=0, help="only the first N of each set (0: all)")
+    ap.add_argument("--out", default=str(ROOT / ".cache" / "bench_speculative.json"),
+                    help="the tables and every run, rewritten after each pair")
     args = ap.parse_args()
     bin_dir = native_bin()
     raw, tables = {}, {}
+    out = Path(args.out)
     t0 = time.time()
     for set_name in args.sets.split(","):
-        rows = []
+        rows = tables.setdefault(set_name, [])
         for key, label, target, family, sides, copy_only in pairs(args):
             prompts = [p for p in SETS[set_name] if p[0] == "copy/edit" or not copy_only]
             if args.prompts:
@@ -261,26 +279,18 @@ def main() -> None:
             r = run_pair(bin_dir, target(), family, sides, prompts, args)
             raw[f"{set_name}: {label}"] = r
             rows.append(summarize(label, r, len(prompts)))
-        tables[set_name] = rows
+            # A long run cut short keeps every pair it finished: the row now, the file as it is.
+            print(HEADER + "\n" + row(rows[-1]), file=sys.stderr, flush=True)
+            out.write_text(json.dumps({"tables": tables, "raw": raw}, indent=1, default=str))
     print(f"\nSpeculative decoding, greedy, {args.tokens} tokens a prompt, {args.threads} threads, "
           f"median of {args.reps} repetitions ({time.time() - t0:.0f} s), infer alternating with "
           f"llama-speculative-simple\n")
     for set_name, rows in tables.items():
         print(f"{set_name} ({len(SETS[set_name])} prompts; lookup on its copy/edit ones)\n")
-        print("| pair | plain t/s | native t/s (best n) | infer spec t/s | vs native (min) | "
-              "vs plain (min) | same text as plain | acceptance | off / back on (runs) | "
-              "spec spread, within 8% | plain spread, within 8% |")
-        print("|---|---|---|---|---|---|---|---|---|---|---|")
+        print(HEADER)
         for s in rows:
-            print(f"| {s['label']} | {s['plain']:.1f} | {s['native']:.1f} ({s['best']}) | "
-                  f"{s['spec']:.1f} | {s['vs_native']:.2f} ({s['vs_native_min']:.2f}) | "
-                  f"{s['vs_plain']:.2f} ({s['vs_plain_min']:.2f}) | {s['same']} | "
-                  f"{s['acceptance']:.0%} | {s['offs']} / {s['ons']} | "
-                  f"{s['spread']:.1%}, {s['within8']} | {s['plain_spread']:.1%}, "
-                  f"{s['plain_within8']} |")
+            print(row(s))
         print()
-    out = ROOT / ".cache" / "bench_speculative.json"
-    out.write_text(json.dumps({"tables": tables, "raw": raw}, indent=1, default=str))
 
 
 if __name__ == "__main__":
