@@ -16,7 +16,8 @@ repetition against the baseline of the same repetition; "min" is the worst repet
 
 Stability: each (side, prompt) is one command run --reps times; its spread is the largest
 distance of a run's decode speed from that command's median. Plain decoding's spread on the
-same prompts in the same minutes is the machine's own noise.
+same prompts in the same minutes is the machine's own noise, and native speculation's (at its
+best draft length) what llama.cpp's fixed policy gets from it.
 
 Greedy text can part at near-ties (a batch of drafts is computed in another order than single
 tokens), so "same text" counts the prompts whose text equals plain decoding in every run.
@@ -221,6 +222,7 @@ def summarize(label, r, n_prompts) -> dict:
     ons = sum(1 for x in specs if any(s["to"] == "on" for s in x["switches"]))
     spec_spread = [spread(xs) for xs in r["per_prompt"]["spec"]]
     plain_spread = [spread(xs) for xs in r["per_prompt"]["plain"]]
+    native_spread = [spread(xs) for xs in r["per_prompt"][best]]
     return {
         "label": label, "plain": median(runs["plain"]), "native": median(runs[best]),
         "best": best[len("native"):], "spec": median(runs["spec"]),
@@ -232,13 +234,15 @@ def summarize(label, r, n_prompts) -> dict:
         "spread": max(spec_spread), "within8": f"{sum(s <= 0.08 for s in spec_spread)}/{n_prompts}",
         "plain_spread": max(plain_spread),
         "plain_within8": f"{sum(s <= 0.08 for s in plain_spread)}/{n_prompts}",
+        "native_spread": max(native_spread),
+        "native_within8": f"{sum(s <= 0.08 for s in native_spread)}/{n_prompts}",
     }
 
 
 HEADER = ("| pair | plain t/s | native t/s (best n) | infer spec t/s | vs native (min) | "
           "vs plain (min) | same text as plain | acceptance | off / back on (runs) | "
-          "spec spread, within 8% | plain spread, within 8% |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|")
+          "spec spread, within 8% | plain spread, within 8% | native spread, within 8% |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def row(s: dict) -> str:
@@ -247,7 +251,7 @@ def row(s: dict) -> str:
             f"{s['vs_plain']:.2f} ({s['vs_plain_min']:.2f}) | {s['same']} | "
             f"{s['acceptance']:.0%} | {s['offs']} / {s['ons']} | "
             f"{s['spread']:.1%}, {s['within8']} | {s['plain_spread']:.1%}, "
-            f"{s['plain_within8']} |")
+            f"{s['plain_within8']} | {s['native_spread']:.1%}, {s['native_within8']} |")
 
 
 def main() -> None:
