@@ -19,7 +19,7 @@ what the RPC path costs against the all-local run. Last, the per-device weights 
 model over the workers (goal: within 2%).
 
     flock /tmp/infer-cpu.lock .venv/bin/python scripts/bench_rpc.py [--reps 3] [--tokens 128]
-        [--threads 1] [--models smollm2,gemma3]
+        [--threads 1] [--models smollm2,gemma3[,gemma3-f32]]
 """
 
 from __future__ import annotations
@@ -40,7 +40,9 @@ sys.path.insert(0, str(ROOT))
 
 STORE = ROOT / ".cache" / "test-home" / "store"
 MODELS = {"smollm2": STORE / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf",
-          "gemma3": STORE / "gemma3-270m" / "gemma-3-270m-q4_k_m.gguf"}
+          "gemma3": STORE / "gemma3-270m" / "gemma-3-270m-q4_k_m.gguf",
+          # F32 weights are not repacked by the local CPU backend: same kernels on both sides
+          "gemma3-f32": STORE / "gemma3-270m" / "gemma-3-270m-q4_k_m.gguf"}
 PROMPT = ("The old mill stood by the river for two hundred years, and every spring the water rose "
           "to turn its great wooden wheel. Tell the rest of its story.")
 
@@ -171,6 +173,9 @@ def main() -> None:
     try:
         for name in args.models.split(","):
             model = MODELS[name]
+            if name.endswith("-f32"):
+                from tests.derived import expand
+                model = expand(model, "F32")
             sides = ["local", "rpc"] + (["native"] if have_native else [])
             speeds: dict[str, list[float]] = {s: [] for s in sides}
             texts: dict[str, list[str]] = {"local": [], "rpc": []}
