@@ -38,11 +38,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from tests.derived import expand  # noqa: E402
+
 STORE = ROOT / ".cache" / "test-home" / "store"
-MODELS = {"smollm2": STORE / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf",
-          "gemma3": STORE / "gemma3-270m" / "gemma-3-270m-q4_k_m.gguf",
-          # F32 weights are not repacked by the local CPU backend: same kernels on both sides
-          "gemma3-f32": STORE / "gemma3-270m" / "gemma-3-270m-q4_k_m.gguf"}
+GEMMA = STORE / "gemma3-270m" / "gemma-3-270m-q4_k_m.gguf"
+# name: (file, the precision it is expanded to first, or None). F32 weights are not repacked by
+# the local CPU backend, so a worker and the local run compute with the same kernels.
+MODELS = {"smollm2": (STORE / "smollm2" / "SmolLM2-135M-Instruct.Q4_1.gguf", None),
+          "gemma3": (GEMMA, None),
+          "gemma3-f32": (GEMMA, "F32")}
 PROMPT = ("The old mill stood by the river for two hundred years, and every spring the water rose "
           "to turn its great wooden wheel. Tell the rest of its story.")
 
@@ -172,10 +176,9 @@ def main() -> None:
     results = {}
     try:
         for name in args.models.split(","):
-            model = MODELS[name]
-            if name.endswith("-f32"):
-                from tests.derived import expand
-                model = expand(model, "F32")
+            model, ftype = MODELS[name]
+            if ftype:
+                model = expand(model, ftype)
             sides = ["local", "rpc"] + (["native"] if have_native else [])
             speeds: dict[str, list[float]] = {s: [] for s in sides}
             texts: dict[str, list[str]] = {"local": [], "rpc": []}
