@@ -65,10 +65,20 @@ log() { echo "native.sh: $*" >&2; }
 if [ -n "${SOURCE_DATE_EPOCH:-}" ]; then
   log "warning: SOURCE_DATE_EPOCH is set, so ggml builds without -march=native (GGML_NATIVE=OFF)"
 fi
-command -v cmake >/dev/null || { log "cmake is needed (pip install cmake, or apt-get install cmake)"; exit 1; }
 py=${PYTHON:-}
 if [ -z "$py" ]; then
   if [ -x .venv/bin/python ]; then py=.venv/bin/python; else py=python3; fi
+fi
+# cmake from the system, else from the package index into the Python in use (as the wheel's
+# own build gets it), so a machine with only Python and a compiler can build the tools.
+if ! command -v cmake >/dev/null; then
+  pybin=$(dirname "$("$py" -c 'import sys; print(sys.executable)')")
+  if [ ! -x "$pybin/cmake" ]; then
+    log "no cmake on PATH: installing it from the package index..."
+    "$py" -m pip install --quiet --disable-pip-version-check cmake >&2 \
+      || { log "cmake is needed (pip install cmake, or apt-get install cmake)"; exit 1; }
+  fi
+  PATH=$pybin:$PATH
 fi
 jobs=$(nproc 2>/dev/null || echo 2)
 start=$(date +%s)

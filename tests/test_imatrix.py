@@ -16,7 +16,24 @@ from tests.conftest import ROOT
 
 tokenizers = pytest.importorskip("tokenizers")
 
-NATIVE = ROOT / ".cache" / "native" / "src" / "build" / "bin" / "llama-imatrix"
+
+
+@pytest.fixture(scope="session")
+def native_bin() -> Path:
+    """The folder of llama.cpp's own tools (llama-imatrix, llama-quantize), built from the llama.cpp the binding vendors by
+    scripts/native.sh (about ten minutes on two cores the first time, then cached)."""
+    import os
+    import subprocess
+    import sys
+
+    p = subprocess.run(["bash", str(ROOT / "scripts" / "native.sh")],
+                       env={**os.environ, "PYTHON": sys.executable}, capture_output=True,
+                       text=True, timeout=3600)
+    assert p.returncode == 0, f"scripts/native.sh failed:\n{p.stderr[-3000:]}"
+    folder = Path(p.stdout.strip().splitlines()[-1])
+    for tool in ("llama-imatrix", "llama-quantize"):
+        assert (folder / tool).is_file(), f"scripts/native.sh built no {folder / tool}"
+    return folder
 
 
 @pytest.fixture(scope="module")
@@ -162,8 +179,7 @@ def test_sums_equal_a_numpy_forward_pass(tiny, tmp_path):
         np.testing.assert_allclose(loaded[name], m.stats[name].values / (n_chunks * ctx), rtol=1e-6)
 
 
-@pytest.mark.skipif(not NATIVE.exists(), reason="llama-imatrix not built (scripts/native.sh)")
-def test_file_is_the_one_llama_imatrix_writes(smollm2_gguf, tmp_path, infer):
+def test_file_is_the_one_llama_imatrix_writes(smollm2_gguf, tmp_path, infer, native_bin):
     """The same model, text and chunking through `infer imatrix` and llama-imatrix: the same
     header and tensor table byte for byte, and sums within 1%."""
     import subprocess
@@ -180,7 +196,7 @@ def test_file_is_the_one_llama_imatrix_writes(smollm2_gguf, tmp_path, infer):
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["chunks"] == 2 and doc["tensors"] == 30 * 7
-    subprocess.run([str(NATIVE), "-m", str(smollm2_gguf), "-f", str(text), "-c", "128",
+    subprocess.run([str(native_bin / "llama-imatrix"), "-m", str(smollm2_gguf), "-f", str(text), "-c", "128",
                     "--chunks", "2", "-o", str(theirs)], check=True, capture_output=True, timeout=300)
     a, b = GGUFReader(str(ours)), GGUFReader(str(theirs))
     start = a.tensors[0].data_offset
@@ -292,7 +308,8 @@ def test_imatrix_from_another_model_is_refused_before_quantizing(tiny, smollm2_g
     assert not out.exists() or not list(out.iterdir())
 
 
-def test_a_file_from_infer_imatrix_quantizes_here_and_in_llama_quantize(tiny, tmp_path, infer):
+def test_a_file_from_infer_imatrix_quantizes_here_and_in_llama_quantize(tiny, tmp_path, infer,
+                                                                       native_bin):
     imx = tmp_path / "tiny.imatrix.gguf"
     r = infer("imatrix", str(tiny[3]), "-o", str(imx), "--ctx", "64", "--chunks", "2", "-t", "2")
     assert r.returncode == 0, r.stderr
@@ -301,15 +318,14 @@ def test_a_file_from_infer_imatrix_quantizes_here_and_in_llama_quantize(tiny, tm
               "-o", str(tmp_path / "q"), "--no-report", "--json")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "q" / "tiny.IQ2_XXS.gguf").exists()
-    native = NATIVE.with_name("llama-quantize")
-    if native.exists():
-        import subprocess
+    import subprocess
 
-        out = tmp_path / "native.IQ2_XXS.gguf"
-        p = subprocess.run([str(native), "--imatrix", str(imx), str(tiny[3]), str(out), "IQ2_XXS", "2"],
-                           capture_output=True, text=True, timeout=300)
-        assert p.returncode == 0, p.stderr[-2000:]
-        assert "loaded 14 importance matrix entries" in p.stdout + p.stderr
+    native = native_bin / "llama-quantize"
+    out = tmp_path / "native.IQ2_XXS.gguf"
+    p = subprocess.run([str(native), "--imatrix", str(imx), str(tiny[3]), str(out), "IQ2_XXS", "2"],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    assert "loaded 14 importance matrix entries" in p.stdout + p.stderr
 
 
 def test_mismatch_names_the_first_tensor_that_differs(smollm2_gguf):

@@ -267,6 +267,79 @@ def test_no_probes_where_speculation_could_not_pay():
     assert spec.produced == 10 ** 4 and spec.stats.probes == 0
 
 
+class _Clock:
+    """perf_counter for the policy: plain steps take ``step`` seconds, whatever it is now."""
+
+    def __init__(self, step):
+        self.now, self.step = 0.0, step
+
+    def __call__(self):
+        return self.now
+
+    def decode_one(self, token):
+        self.now += self.step
+
+
+def _calibrating(monkeypatch, step, kind=speculative.DraftModel):
+    """A speculator before its cost is known, timed by a clock the test moves."""
+    clock = _Clock(step)
+    monkeypatch.setattr(speculative.time, "perf_counter", clock)
+    spec = kind(stats=speculative.SpecStats("draft"))
+    sampler = type("Sampler", (), {"sample": lambda self, ptr: 7})()
+    session = type("Session", (), {"decode_one": lambda self, t: clock.decode_one(t), "ptr": None})()
+
+    def run(rounds, *, seconds_per_step, cost):
+        """Rounds of (drafted, accepted), each taking as long as ``1 + cost * drafted`` plain
+        steps at ``seconds_per_step``; the plain steps the policy takes between them too."""
+        kinds = []
+        for drafted, accepted in rounds:
+            clock.step = seconds_per_step
+            while not spec.stats.switched_off and not spec.speculating():
+                spec._plain(session, sampler, 0)
+                kinds.append("plain")
+            if spec.stats.switched_off:
+                break
+            spec.observe(drafted, accepted, seconds=(1 + cost * drafted) * seconds_per_step)
+            kinds.append("round")
+        return kinds
+
+    return spec, clock, run
+
+
+def test_the_cost_is_measured_against_the_plain_steps_around_each_round(monkeypatch):
+    # The machine runs the first plain steps at 10 ms, then at 20 ms a step (a CPU's clock
+    # drifts that much within a second): rounds are judged against the steps beside them.
+    spec, clock, run = _calibrating(monkeypatch, 0.010)
+    kinds = run([(4, 4)], seconds_per_step=0.010, cost=0.5)
+    kinds += run([(4, 4)] * 4, seconds_per_step=0.020, cost=0.5)
+    assert kinds == ["plain"] * 3 + ["round"] + ["round", "plain"] * 3 + ["round"]
+    assert spec.stats.cost_from == "measured"
+    assert spec.stats.cost == pytest.approx(0.5, abs=0.05)
+    assert spec.stats.switches == []
+
+
+def test_a_draft_that_could_not_pay_with_every_draft_taken_stops_at_once(monkeypatch):
+    # A draft nearly as slow as its target (tiny models, where fixed per-token costs dominate):
+    # the first long round measured shows that even all 16 drafts taken would not beat
+    # plain decoding by 10%, so it stops at once and never probes.
+    spec, clock, run = _calibrating(monkeypatch, 0.010)
+    run([(16, 16), (16, 16), (16, 16)], seconds_per_step=0.010, cost=0.95)
+    [off] = spec.stats.switches
+    assert off["to"] == "off" and off["token"] == 3 + 17 + 17 + 1
+    assert "16 drafted tokens in long rounds took 16.2 plain steps" in off["why"]
+    assert "even every draft taken would give 1.05x plain; no probes" in off["why"]
+    assert spec.next_probe is None
+    for _ in range(1000):
+        assert not spec.speculating()
+        spec.produced += 1
+    # A draft at half that cost goes on, and short rounds (the draft unsure) say nothing of
+    # the best case: a fixed cost per round would make them look like a dear draft.
+    for rounds, cost in (([(16, 16)] * 6, 0.5), ([(2, 2)] * 6, 0.7)):
+        spec, clock, run = _calibrating(monkeypatch, 0.010)
+        run(rounds, seconds_per_step=0.010, cost=cost)
+        assert spec.stats.switches == [] and spec.stats.cost == pytest.approx(cost)
+
+
 def test_lookup_length_follows_acceptance():
     spec = _policy(cost=0.1)
     lengths = []

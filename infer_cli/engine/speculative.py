@@ -15,6 +15,10 @@ costs in plain steps, measured once over the first rounds and then frozen (from 
 when sampling is seeded, so that nothing depends on the clock). Switched off, it probes again
 every so often and switches back on when acceptance has recovered. Given the tokens and that
 cost figure, every decision is deterministic.
+
+One verdict needs no acceptance evidence: when the first long rounds show that even every draft
+taken would hardly beat plain decoding (a draft model nearly as slow as its target, as tiny
+models are where fixed per-token overheads dominate), speculation stops at once, for good.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from infer_cli.engine.context import common_prefix
 from infer_cli.errors import DraftIncompatible
 
 # llama.cpp's rules for a usable draft (common/speculative.cpp).
@@ -162,7 +167,9 @@ class Speculator:
     reproducible: bool = False  # seeded sampling: the cost comes from model sizes, not the clock
     plain_first: int = 3        # plain steps first: the baseline the cost is measured against
     calibrate_rounds: int = 3   # rounds after the first whose cost, in plain steps, is the
-                                # figure used from then on (their median)
+                                # figure used from then on (their median); each is followed by
+                                # a plain step, and measured against the plain steps on either
+                                # side of it (a CPU's speed drifts by a third within a second)
     evidence: int = 32          # drafted tokens judged before a verdict
     probe_evidence: int = 16    # the same for a probe
     window: int = 128           # the verdict's memory, in drafted tokens
@@ -170,6 +177,9 @@ class Speculator:
     probe_after: int = 64       # plain tokens between switching off and the first probe
     probe_ceiling: float = 0.9  # no probes where even this acceptance would not pay
     prior_cost: float = 0.1     # the cost figure when nothing may be measured
+    long_round: int = 8         # rounds drafting at least this many tokens tell the best case
+    best_case_evidence: int = 16  # drafted tokens of such rounds before the cost verdict
+    best_case_floor: float = 1.1  # below this best case (every draft taken), it cannot pay
     n_draft: int = 4
     # state
     produced: int = 0           # tokens produced by steps so far (the switches' clock)
@@ -179,6 +189,10 @@ class Speculator:
     recent: deque = field(default_factory=deque)  # per round: (trials, accepted, drafted)
     plain_times: list = field(default_factory=list)
     round_costs: list = field(default_factory=list)  # per calibration round: plain steps a draft
+    best_case: list = field(default_factory=list)  # per long round: (drafted, plain steps taken)
+    pending: tuple | None = None  # a calibration round awaiting its plain step: (drafted, s)
+    catch_up_s: float = 0.0     # this round's share of time spent catching a draft up (not
+                                # what a round costs in the steady state)
 
     def prepare(self, prompt: list[int]) -> None:
         """Called once the target holds the prompt."""
@@ -199,6 +213,7 @@ class Speculator:
         if budget < 2 or not self.speculating():
             return self._plain(session, sampler, last)
         t0 = time.perf_counter()
+        self.catch_up_s = 0.0
         drafts = self.propose(session, last, min(self._length(), budget - 1))
         if not drafts:
             st.spec_s += time.perf_counter() - t0  # a draft model unsure from the start
@@ -207,13 +222,13 @@ class Speculator:
         seconds = time.perf_counter() - t0
         st.spec_tokens += len(out)
         st.spec_s += seconds
-        self.observe(len(drafts), len(out) - 1, seconds)
+        self.observe(len(drafts), len(out) - 1, seconds - self.catch_up_s)
         return out
 
     def speculating(self) -> bool:
         """Whether the next step drafts (else it is a plain one); starts a probe when due."""
         st = self.stats
-        if st.cost is None and st.plain_tokens < self.plain_first:
+        if st.cost is None and (st.plain_tokens < self.plain_first or self.pending):
             return False
         if st.switched_off:
             if self.next_probe is None or self.produced < self.next_probe:
@@ -233,13 +248,44 @@ class Speculator:
         self._learn(drafted, accepted)
         if st.cost is None and st.rounds > 1 and seconds is not None:
             # The first round pays one-time costs (graph sizes, allocation): not measured.
-            self.round_costs.append((seconds / self._t_plain() - 1) / drafted)
-            if len(self.round_costs) >= self.calibrate_rounds:
-                st.cost, st.cost_from = max(0.0, statistics.median(self.round_costs)), "measured"
+            self.pending = (drafted, seconds)
         self.recent.append((accepted + rejected, accepted, drafted))
         while sum(t for t, _, _ in self.recent) - self.recent[0][0] >= self.window:
             self.recent.popleft()
         self._judge()
+
+    def _calibrate(self, before: float, after: float) -> None:
+        """The pending round, in plain steps of the time around it."""
+        st = self.stats
+        drafted, seconds = self.pending
+        self.pending = None
+        steps = seconds / ((before + after) / 2)
+        self.round_costs.append((steps - 1) / drafted)
+        if drafted >= self.long_round:
+            self.best_case.append((drafted, steps))
+        if len(self.round_costs) >= self.calibrate_rounds:
+            st.cost, st.cost_from = max(0.0, statistics.median(self.round_costs)), "measured"
+        self._judge_best_case()
+
+    def _judge_best_case(self) -> bool:
+        """The cost verdict, from the clock (never with seeded sampling): once long rounds
+        have drafted ``best_case_evidence`` tokens, what they would have yielded had every
+        draft been taken, per plain-step time; below ``best_case_floor`` speculation cannot
+        pay at any acceptance a draft model reaches, so it stops for the rest of the run."""
+        drafted = sum(n for n, _ in self.best_case)
+        if self.reproducible or self.stats.switched_off or drafted < self.best_case_evidence:
+            return False
+        steps = sum(t for _, t in self.best_case)
+        best = (drafted + len(self.best_case)) / steps
+        self.best_case.clear()  # judged once: later rounds are the acceptance verdict's
+        if best >= self.best_case_floor:
+            return False
+        self.probing, self.next_probe = False, None
+        why = (f"{drafted} drafted tokens in long rounds took {steps:.1f} plain steps: even every "
+               f"draft taken would give {best:.2f}x plain; no probes")
+        self.stats.switched_off = f"speculation switched off: {why}"
+        self.stats.switches.append({"token": self.produced, "to": "off", "why": why})
+        return True
 
     def _plain(self, session, sampler, last: int) -> list[int]:
         t0 = time.perf_counter()
@@ -251,11 +297,10 @@ class Speculator:
         st.plain_tokens += 1
         self.produced += 1
         if st.cost is None:
+            if self.pending and self.plain_times:
+                self._calibrate(self.plain_times[-1], dt)
             self.plain_times.append(dt)
         return [tok]
-
-    def _t_plain(self) -> float:
-        return statistics.median(self.plain_times) if self.plain_times else 1.0
 
     # the draft length: from acceptance alone ------------------------------------------------
 
@@ -387,7 +432,12 @@ class DraftModel(Speculator):
         # Same prefix as the target plus ``last``: rolls back what was rejected, and decodes
         # what the draft has not seen (after a fully accepted round, its own last draft and
         # the target's next token; after a stretch switched off, all of it) in one batch.
-        d.sync([*session.tokens, last])
+        want = [*session.tokens, last]
+        behind = len(want) - common_prefix(d.tokens, want)
+        t0 = time.perf_counter()
+        d.sync(want)
+        if behind > 2:  # catching up after plain steps: more than a round in the steady state
+            self.catch_up_s = (time.perf_counter() - t0) * (1 - 2 / behind)
         drafts: list[int] = []
         threshold = self.p_min if self.p_now is None else self.p_now
         self.stopped_early = False
