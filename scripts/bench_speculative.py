@@ -7,8 +7,9 @@ speculation should step aside); prompt lookup runs on SmolLM2 Q4_1 against llama
 ngram-simple on the copy/edit prompts. Greedy, same prompt tokens (the chat template rendered
 into the text, so both sides read the same tokens), same thread count, same token count.
 
-Two prompt sets: TUNING, which the policy's constants were chosen on, and HELD_OUT, which
-tuning never looked at (letters, explanations, code, lists, dialogue, copy/edit tasks). Every
+Three prompt sets: TUNING, which the policy's constants were chosen on; HELD_OUT, which
+tuning never looked at (letters, explanations, code, lists, dialogue, copy/edit tasks); and
+FRESH, written after the latest tuning and run only to measure it. Every
 repetition runs every prompt of a set on every side, the sides in an order that rotates from
 one repetition to the next; a side's speed in a repetition is the tokens of all prompts over
 their decode time together. Figures are medians over --reps repetitions, ratios are taken per
@@ -23,7 +24,7 @@ Greedy text can part at near-ties (a batch of drafts is computed in another orde
 tokens), so "same text" counts the prompts whose text equals plain decoding in every run.
 
     flock /tmp/infer-cpu.lock .venv/bin/python scripts/bench_speculative.py [--reps 5]
-        [--tokens 256] [--threads 2] [--sets tuning,held-out]
+        [--tokens 256] [--threads 2] [--sets tuning,held-out,fresh]
         [--pairs gemma,smollm2-f32,smollm2-f16,lookup]
 """
 
@@ -100,7 +101,26 @@ HELD_OUT = [
     ("copy/edit", f"Here is a recipe:\n\n{RECIPE}\n\nRewrite the recipe exactly as it is, but "
                   f"for 8 people: double every quantity."),
 ]
-SETS = {"tuning": TUNING, "held-out": HELD_OUT}
+NOTICE = " ".join([
+    "The library will close early on Friday, 14 March, at 3 pm, so that the heating system can",
+    "be serviced. Books due that day may be returned on Saturday without a fine. The reading room",
+    "on the first floor stays closed until Monday morning, and the printers will be switched off",
+    "from noon on Friday.",
+])
+# A second held-out set, written after the policy of 2026-12-03 was tuned and never run while
+# tuning it: a policy tuned on the first two sets is measured on prompts it has never met.
+FRESH = [
+    ("letter", "Write a letter to a neighbour apologising for the noise of last night's party."),
+    ("explanation", "Explain why the sky is blue, in three short paragraphs."),
+    ("explanation", "How does a bicycle stay upright when it is moving?"),
+    ("code", "Write a JavaScript function that removes duplicate values from an array."),
+    ("list", "Give eight ideas for a rainy Sunday afternoon with children."),
+    ("dialogue", "Write a short conversation between two friends planning a camping trip."),
+    ("story", "Tell a short fable about a fox and a crow who share a secret."),
+    ("copy/edit", f"Here is a notice:\n\n{NOTICE}\n\nCopy the notice word for word, but change "
+                  f"'Friday' to 'Thursday' everywhere."),
+]
+SETS = {"tuning": TUNING, "held-out": HELD_OUT, "fresh": FRESH}
 
 TEMPLATES = {  # the chat template each family's GGUF carries, for one user turn
     "gemma": "<start_of_turn>user\n{}<end_of_turn>\n<start_of_turn>model\n",

@@ -16,8 +16,8 @@ when sampling is seeded, so that nothing depends on the clock). Switched off, it
 every so often and switches back on when acceptance has recovered. Given the tokens and that
 cost figure, every decision is deterministic.
 
-One verdict needs no acceptance evidence: when the first long rounds show that even every draft
-taken would hardly beat plain decoding (a draft model nearly as slow as its target, as tiny
+One verdict needs no acceptance evidence: when the first two long rounds each show that even every
+draft taken would hardly beat plain decoding (a draft model nearly as slow as its target, as tiny
 models are where fixed per-token overheads dominate), speculation stops at once, for good.
 """
 
@@ -177,8 +177,9 @@ class Speculator:
     probe_after: int = 64       # plain tokens between switching off and the first probe
     probe_ceiling: float = 0.9  # no probes where even this acceptance would not pay
     prior_cost: float = 0.1     # the cost figure when nothing may be measured
-    long_round: int = 8         # rounds drafting at least this many tokens tell the best case
-    best_case_evidence: int = 16  # drafted tokens of such rounds before the cost verdict
+    long_round: int = 4         # rounds drafting at least this many tokens tell the best case
+    best_case_rounds: int = 2   # such rounds, each below the floor, before the cost verdict (one
+                                # round slowed by a neighbour on the CPU must not decide)
     best_case_floor: float = 1.1  # below this best case (every draft taken), it cannot pay
     n_draft: int = 4
     # state
@@ -268,21 +269,22 @@ class Speculator:
         self._judge_best_case()
 
     def _judge_best_case(self) -> bool:
-        """The cost verdict, from the clock (never with seeded sampling): once long rounds
-        have drafted ``best_case_evidence`` tokens, what they would have yielded had every
-        draft been taken, per plain-step time; below ``best_case_floor`` speculation cannot
-        pay at any acceptance a draft model reaches, so it stops for the rest of the run."""
-        drafted = sum(n for n, _ in self.best_case)
-        if self.reproducible or self.stats.switched_off or drafted < self.best_case_evidence:
+        """The cost verdict, from the clock (never with seeded sampling): what each of the
+        first ``best_case_rounds`` long rounds would have yielded had every draft been taken,
+        per plain-step time. When even the best of them is below ``best_case_floor``,
+        speculation cannot pay at any acceptance a draft model reaches, so it stops for the
+        rest of the run."""
+        if (self.reproducible or self.stats.switched_off
+                or len(self.best_case) < self.best_case_rounds):
             return False
-        steps = sum(t for _, t in self.best_case)
-        best = (drafted + len(self.best_case)) / steps
-        self.best_case.clear()  # judged once: later rounds are the acceptance verdict's
+        rounds, self.best_case = self.best_case, []  # judged once: then acceptance decides
+        best = max((n + 1) / t for n, t in rounds)
         if best >= self.best_case_floor:
             return False
         self.probing, self.next_probe = False, None
-        why = (f"{drafted} drafted tokens in long rounds took {steps:.1f} plain steps: even every "
-               f"draft taken would give {best:.2f}x plain; no probes")
+        why = (f"rounds of {' and '.join(str(n) for n, _ in rounds)} drafts took "
+               f"{' and '.join(f'{t:.1f}' for _, t in rounds)} plain steps: even every draft "
+               f"taken would give at most {best:.2f}x plain; no probes")
         self.stats.switched_off = f"speculation switched off: {why}"
         self.stats.switches.append({"token": self.produced, "to": "off", "why": why})
         return True
