@@ -17,11 +17,11 @@ from tests.conftest import ROOT
 tokenizers = pytest.importorskip("tokenizers")
 
 
-
 @pytest.fixture(scope="session")
 def native_bin() -> Path:
-    """The folder of llama.cpp's own tools (llama-imatrix, llama-quantize), built from the llama.cpp the binding vendors by
-    scripts/native.sh (about ten minutes on two cores the first time, then cached)."""
+    """The folder of llama.cpp's own tools (llama-imatrix, llama-quantize), built by
+    scripts/native.sh from the llama.cpp the binding vendors (about ten minutes on two cores
+    the first time, then cached)."""
     import os
     import subprocess
     import sys
@@ -196,8 +196,9 @@ def test_file_is_the_one_llama_imatrix_writes(smollm2_gguf, tmp_path, infer, nat
     assert r.returncode == 0, r.stderr
     doc = json.loads(r.stdout)
     assert doc["chunks"] == 2 and doc["tensors"] == 30 * 7
-    subprocess.run([str(native_bin / "llama-imatrix"), "-m", str(smollm2_gguf), "-f", str(text), "-c", "128",
-                    "--chunks", "2", "-o", str(theirs)], check=True, capture_output=True, timeout=300)
+    subprocess.run([str(native_bin / "llama-imatrix"), "-m", str(smollm2_gguf), "-f", str(text),
+                    "-c", "128", "--chunks", "2", "-o", str(theirs)],
+                   check=True, capture_output=True, timeout=300)
     a, b = GGUFReader(str(ours)), GGUFReader(str(theirs))
     start = a.tensors[0].data_offset
     assert ours.read_bytes()[:start] == theirs.read_bytes()[:start]
@@ -310,6 +311,8 @@ def test_imatrix_from_another_model_is_refused_before_quantizing(tiny, smollm2_g
 
 def test_a_file_from_infer_imatrix_quantizes_here_and_in_llama_quantize(tiny, tmp_path, infer,
                                                                        native_bin):
+    import subprocess
+
     imx = tmp_path / "tiny.imatrix.gguf"
     r = infer("imatrix", str(tiny[3]), "-o", str(imx), "--ctx", "64", "--chunks", "2", "-t", "2")
     assert r.returncode == 0, r.stderr
@@ -318,11 +321,8 @@ def test_a_file_from_infer_imatrix_quantizes_here_and_in_llama_quantize(tiny, tm
               "-o", str(tmp_path / "q"), "--no-report", "--json")
     assert r.returncode == 0, r.stderr
     assert (tmp_path / "q" / "tiny.IQ2_XXS.gguf").exists()
-    import subprocess
-
-    native = native_bin / "llama-quantize"
     out = tmp_path / "native.IQ2_XXS.gguf"
-    p = subprocess.run([str(native), "--imatrix", str(imx), str(tiny[3]), str(out), "IQ2_XXS", "2"],
+    p = subprocess.run([str(native_bin / "llama-quantize"), "--imatrix", str(imx), str(tiny[3]), str(out), "IQ2_XXS", "2"],
                        capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-2000:]
     assert "loaded 14 importance matrix entries" in p.stdout + p.stderr

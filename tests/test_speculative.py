@@ -340,10 +340,9 @@ def test_a_draft_that_could_not_pay_with_every_draft_taken_stops_at_once(monkeyp
         assert spec.stats.switches == [] and spec.stats.cost == pytest.approx(cost)
     # One long round slowed down (a neighbour on the CPU) does not decide: the best round does.
     spec, clock, run = _calibrating(monkeypatch, 0.010)
-    kinds = run([(16, 16)], seconds_per_step=0.010, cost=0.5)
-    clock.step = 0.010
+    run([(16, 16)], seconds_per_step=0.010, cost=0.5)
     spec.observe(16, 16, seconds=0.010 * 16)  # as slow as 16 plain steps: 1.06x at best
-    kinds = run([(16, 16)] * 4, seconds_per_step=0.010, cost=0.5)
+    run([(16, 16)] * 4, seconds_per_step=0.010, cost=0.5)
     assert spec.stats.switches == [] and not spec.stats.switched_off
 
 

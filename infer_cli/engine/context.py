@@ -202,8 +202,9 @@ class Session:
                 raise ContextOverflow(n, self.n_ctx)
             del self.tokens[n:]
 
-    def sync(self, tokens: Sequence[int], *, max_rollback: int = 64) -> None:
-        """Make the cache hold exactly ``tokens`` (a draft model following its target)."""
+    def sync(self, tokens: Sequence[int], *, max_rollback: int = 64) -> int:
+        """Make the cache hold exactly ``tokens`` (a draft model following its target);
+        returns how many of them it decoded."""
         keep = common_prefix(self.tokens, tokens)
         if keep < len(self.tokens):
             if self.can_trim or len(self.tokens) - keep <= max_rollback:
@@ -212,6 +213,7 @@ class Session:
                 self.clear()
                 keep = 0
         self.decode(tokens[keep:])
+        return len(tokens) - keep
 
     def top(self, idx: int = -1, k: int = 10) -> tuple[int, float]:
         """The most likely next token at output ``idx`` and its probability among the ``k``

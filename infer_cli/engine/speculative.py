@@ -30,7 +30,6 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from infer_cli.engine.context import common_prefix
 from infer_cli.errors import DraftIncompatible
 
 # llama.cpp's rules for a usable draft (common/speculative.cpp).
@@ -268,7 +267,7 @@ class Speculator:
             st.cost, st.cost_from = max(0.0, statistics.median(self.round_costs)), "measured"
         self._judge_best_case()
 
-    def _judge_best_case(self) -> bool:
+    def _judge_best_case(self) -> None:
         """The cost verdict, from the clock (never with seeded sampling): what each of the
         first ``best_case_rounds`` long rounds would have yielded had every draft been taken,
         per plain-step time. When even the best of them is below ``best_case_floor``,
@@ -276,18 +275,14 @@ class Speculator:
         rest of the run."""
         if (self.reproducible or self.stats.switched_off
                 or len(self.best_case) < self.best_case_rounds):
-            return False
+            return
         rounds, self.best_case = self.best_case, []  # judged once: then acceptance decides
         best = max((n + 1) / t for n, t in rounds)
-        if best >= self.best_case_floor:
-            return False
-        self.probing, self.next_probe = False, None
-        why = (f"rounds of {' and '.join(str(n) for n, _ in rounds)} drafts took "
-               f"{' and '.join(f'{t:.1f}' for _, t in rounds)} plain steps: even every draft "
-               f"taken would give at most {best:.2f}x plain; no probes")
-        self.stats.switched_off = f"speculation switched off: {why}"
-        self.stats.switches.append({"token": self.produced, "to": "off", "why": why})
-        return True
+        if best < self.best_case_floor:
+            self._switch_off(f"rounds of {' and '.join(str(n) for n, _ in rounds)} drafts took "
+                             f"{' and '.join(f'{t:.1f}' for _, t in rounds)} plain steps: even "
+                             f"every draft taken would give at most {best:.2f}x plain",
+                             for_good=True)
 
     def _plain(self, session, sampler, last: int) -> list[int]:
         t0 = time.perf_counter()
@@ -348,13 +343,17 @@ class Speculator:
             else:
                 self._switch_off(f"probe: {what}: {gain(rate, lengths, st.cost):.2f}x plain")
 
-    def _switch_off(self, why: str) -> None:
+    def _switch_off(self, why: str, *, for_good: bool = False) -> None:
         st = self.stats
         failed_probe = self.probing
         self.probing = False
         self.probe_gap = self.probe_gap * 2 if failed_probe else self.probe_after
-        best = max(gain(self.probe_ceiling, n, st.cost) for n in range(1, self.draft_max + 1))
-        if best < 1.1:  # even a good stretch would hardly pay: probing would only cost
+        if for_good:  # the cost verdict: no acceptance could make it pay
+            self.next_probe = None
+            why += "; no probes"
+        elif (best := max(gain(self.probe_ceiling, n, st.cost)
+                          for n in range(1, self.draft_max + 1))) < 1.1:
+            # even a good stretch would hardly pay: probing would only cost
             self.next_probe = None
             why += f"; no probes: {self.probe_ceiling:.0%} acceptance would give {best:.2f}x plain"
         else:
@@ -434,10 +433,8 @@ class DraftModel(Speculator):
         # Same prefix as the target plus ``last``: rolls back what was rejected, and decodes
         # what the draft has not seen (after a fully accepted round, its own last draft and
         # the target's next token; after a stretch switched off, all of it) in one batch.
-        want = [*session.tokens, last]
-        behind = len(want) - common_prefix(d.tokens, want)
         t0 = time.perf_counter()
-        d.sync(want)
+        behind = d.sync([*session.tokens, last])
         if behind > 2:  # catching up after plain steps: more than a round in the steady state
             self.catch_up_s = (time.perf_counter() - t0) * (1 - 2 / behind)
         drafts: list[int] = []
