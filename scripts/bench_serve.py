@@ -480,7 +480,7 @@ def main() -> int:
     total_s = time.perf_counter() - t_all
 
     summary = summarize(raw)
-    ratios = compute_ratios(summary, sets)
+    ratios = compute_ratios(summary, sets, raw)
     print_tables(summary, ratios, sets, args, total_s)
     if args.json:
         print(json.dumps({"settings": {"model": str(args.model), "reps": args.reps, "ctx": args.ctx,
@@ -509,8 +509,19 @@ def summarize(raw) -> dict:
     return out
 
 
-def compute_ratios(summary, sets) -> list[dict]:
+def paired(raw, mine: str, theirs: str, s: str, c: int, field: str) -> float | None:
+    """The median over repetitions of one repetition's ratio (mine / theirs): the two servers of a
+    repetition ran back to back, so a machine whose speed drifts over the run (a neighbour coming
+    or going) moves both sides of each ratio alike. None unless both ran every repetition."""
+    a, b = raw.get((mine, s, c)), raw.get((theirs, s, c))
+    if not a or not b or len(a) != len(b):
+        return None
+    return statistics.median(x[field] / y[field] for x, y in zip(a, b) if y[field])
+
+
+def compute_ratios(summary, sets, raw=None) -> list[dict]:
     rows = []
+    raw = raw or {}
 
     def get(server, s, c):
         return summary.get((server, s, c))
@@ -524,13 +535,15 @@ def compute_ratios(summary, sets) -> list[dict]:
             a, b = get(mine, s, c), get(theirs, s, c)
             if a and b:
                 rows.append({"set": s, "what": f"aggregate tok/s {mine} / {theirs}", "clients": c,
-                             "value": a["agg_tps"] / b["agg_tps"], "target": ">= 0.95",
+                             "value": a["agg_tps"] / b["agg_tps"],
+                             "paired": paired(raw, mine, theirs, s, c, "agg_tps"), "target": ">= 0.95",
                              "met": a["agg_tps"] / b["agg_tps"] >= 0.95})
                 if c == 16:
                     for q in ("p50", "p95"):
                         v = a[f"ttft_{q}_ms"] / b[f"ttft_{q}_ms"]
                         rows.append({"set": s, "what": f"TTFT {q} {mine} / {theirs}", "clients": c,
-                                     "value": v, "target": "<= 1.1", "met": v <= 1.1})
+                                     "value": v, "paired": paired(raw, mine, theirs, s, c, f"ttft_{q}_ms"),
+                                     "target": "<= 1.1", "met": v <= 1.1})
         a, b = get("infer4", s, 4), get("lcp", s, 4)
         if a and b:
             v = a["agg_tps"] / b["agg_tps"]
@@ -562,13 +575,16 @@ def print_tables(summary, ratios, sets, args, total_s) -> None:
                       f"{v['max_loadavg_1m']:.2f} |")
         print()
     if ratios:
-        print("| set | ratio | clients | value | target | met |")
-        print("|---|---|---:|---:|---|---|")
+        print("| set | ratio | clients | value | paired | target | met |")
+        print("|---|---|---:|---:|---:|---|---|")
         for r in ratios:
-            print(f"| {r['set']} | {r['what']} | {r['clients']} | {r['value']:.3f} | {r['target']} | "
+            pr = f"{r['paired']:.3f}" if r.get("paired") is not None else "-"
+            print(f"| {r['set']} | {r['what']} | {r['clients']} | {r['value']:.3f} | {pr} | {r['target']} | "
                   f"{'yes' if r['met'] else 'NO'} |")
         print()
-    print("(chunks): the server sent no usage chunk; tokens are the content chunks received.\n"
+    print("value: the ratio of the two medians (what `met` judges); paired: the median of the "
+          "ratios within each repetition, where both servers ran back to back.\n"
+          "(chunks): the server sent no usage chunk; tokens are the content chunks received.\n"
           "server CPU %: the server process's CPU time over the load's wall time (median of reps; "
           "about 200 with 2 busy threads); max load: the 1-minute load average, highest of the "
           "reps (2 cores: above ~3 means other work shared them).")

@@ -211,3 +211,25 @@ def test_ctrl_c_keeps_finished_sections(smollm2_gguf, tmp_path):
     assert saved["interrupted"] is True
     status = {s["name"]: s["status"] for s in saved["sections"]}
     assert status == {"batching": "done", "speculative": "interrupted"}
+
+
+def test_bench_serve_pairs_each_repetition_with_the_server_that_ran_beside_it():
+    """The machine speeds up over the run (70, 80, then 120 tok/s for llama-server) and infer gets
+    0.9 of whatever llama-server got beside it, except in one repetition: the paired ratio is
+    the 0.9 of most repetitions, and the ratio of the medians is not."""
+    from tests.scripts import load_script
+
+    bench = load_script("bench_serve")
+    theirs, mine = [70.0, 80.0, 120.0], [63.0, 40.0, 108.0]
+    raw = {("infer4", "held-out", 1): [{"agg_tps": v, "ttft_p50_ms": 100.0} for v in mine],
+           ("llama4", "held-out", 1): [{"agg_tps": v, "ttft_p50_ms": 100.0} for v in theirs]}
+    assert bench.paired(raw, "infer4", "llama4", "held-out", 1, "agg_tps") == 0.9
+    summary = bench.summarize({k: [{**r, "ttft_p95_ms": 1.0, "wall_s": 1.0, "tokens": 1,
+                                    "complete": 1, "requests": 1, "usage_reported": True,
+                                    "server_cpu_pct": 200.0, "loadavg_1m": 1.0} for r in v]
+                               for k, v in raw.items()})
+    (row,) = bench.compute_ratios(summary, ["held-out"], raw)
+    assert row["paired"] == 0.9 and row["value"] == 63.0 / 80.0 and not row["met"]
+    # a server that missed a repetition: no pairing is claimed
+    raw[("llama4", "held-out", 1)].pop()
+    assert bench.paired(raw, "infer4", "llama4", "held-out", 1, "agg_tps") is None
