@@ -512,16 +512,17 @@ def summarize(raw) -> dict:
 def paired(raw, mine: str, theirs: str, s: str, c: int, field: str) -> float | None:
     """The median over repetitions of one repetition's ratio (mine / theirs): the two servers of a
     repetition ran back to back, so a machine whose speed drifts over the run (a neighbour coming
-    or going) moves both sides of each ratio alike. None unless both ran every repetition."""
+    or going) moves both sides of each ratio alike. None unless both ran every repetition (and
+    theirs measured something in one at least)."""
     a, b = raw.get((mine, s, c)), raw.get((theirs, s, c))
     if not a or not b or len(a) != len(b):
         return None
-    return statistics.median(x[field] / y[field] for x, y in zip(a, b) if y[field])
+    ratios = [x[field] / y[field] for x, y in zip(a, b) if y[field]]
+    return statistics.median(ratios) if ratios else None
 
 
-def compute_ratios(summary, sets, raw=None) -> list[dict]:
+def compute_ratios(summary, sets, raw) -> list[dict]:
     rows = []
-    raw = raw or {}
 
     def get(server, s, c):
         return summary.get((server, s, c))
