@@ -4,7 +4,8 @@
 For each model and each number of parallel sequences B: native batched-bench with B prompts of
 128 tokens and 128 generated tokens each (S_TG, generation tokens/s), then infer's scheduler on
 the same shapes (B sequences submitted at once, greedy, end-of-text ignored; generation rate
-over the steps where every sequence is generating), alternating, median of --reps. Prompts come
+over the steps where every sequence is generating), one count at a time with the sides back to
+back in an order that reverses every repetition, median of --reps. Prompts come
 from two sets: one the scheduler was developed on and a held-out one (different texts); both
 are reported. Also: 32 prompts sharing a 400-token prefix with sharing on and off, and the
 scheduler's own time per step at 16 sequences (whole step minus llama_decode).
@@ -21,6 +22,7 @@ import statistics
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -30,6 +32,7 @@ TUNING = ("The history of the printing press begins in the fifteenth century, wh
           "changed how books were made, how ideas spread and who could read them. ")
 HELD_OUT = ("A recipe for bread needs flour, water, salt and yeast; the baker kneads, waits for the "
             "dough to rise, shapes it and bakes it until the crust sings when tapped. ")
+SETS = {"tuning": TUNING, "held-out": HELD_OUT}
 
 
 def native_bin() -> Path:
@@ -124,27 +127,38 @@ def main() -> None:
         n_ctx = 16 * 256 + 512
         opts = Options(n_ctx=n_ctx, n_seq=max(counts), threads=args.threads, gpu_layers=0)
         model = engine.Model(path, opts)
-        ctx = engine.Context(model, opts)
-        ctx.warm_up()
+        # a context per count, as llama-batched-bench -npl B has (n_seq_max = B: the size of a
+        # sliding-window cache follows it)
+        ctxs = {b: engine.Context(model, replace(opts, n_seq=b)) for b in counts}
+        for c in ctxs.values():
+            c.warm_up()
+        ctx = ctxs[max(counts)]
         native = {b: [] for b in counts}
         ours = {(s, b): [] for s in ("tuning", "held-out") for b in counts}
         own16 = []
         for rep in range(args.reps):
-            for b, r in native_tg(binary, path, counts, args.threads, n_ctx).items():
-                native[b].append(r)
-            for name, text in (("tuning", TUNING), ("held-out", HELD_OUT)):
-                for b in counts:
-                    rate, own = ours_tg(model, ctx, prompts(model, text, b))
-                    ours[(name, b)].append(rate)
-                    if b == 16:
-                        own16.append(own)
+            # the three sides of one count run back to back (seconds apart, not minutes), in an
+            # order that reverses every repetition, so a machine whose speed drifts over a run
+            # moves each pair together and favours no side
+            for b in counts:
+                sides = ["native", "tuning", "held-out"]
+                for side in sides if rep % 2 == 0 else sides[::-1]:
+                    if side == "native":
+                        rate = native_tg(binary, path, [b], args.threads, n_ctx)[b]
+                        native[b].append(rate)
+                    else:
+                        rate, own = ours_tg(model, ctxs[b], prompts(model, SETS[side], b))
+                        ours[(side, b)].append(rate)
+                        if b == 16:
+                            own16.append(own)
+                    print(f"rep {rep + 1} {alias} x{b} {side}: {rate:.1f} t/s", file=sys.stderr, flush=True)
         single = statistics.median(ours[("held-out", 1)])
         for b in counts:
             nat = statistics.median(native[b])
             for name in ("tuning", "held-out"):
                 o = statistics.median(ours[(name, b)])
-                # within one repetition native and infer ran minutes apart at most: the median of
-                # those ratios is less moved by a machine whose speed drifts over the whole run
+                # within one repetition native and infer ran seconds apart: the median of those
+                # ratios is less moved by a machine whose speed drifts over the whole run
                 pair = statistics.median(x / y for x, y in zip(ours[(name, b)], native[b]))
                 rows.append({"model": alias, "set": name, "sequences": b, "native_tg": round(nat, 1),
                              "infer_tg": round(o, 1), "ratio": round(o / nat, 3),
@@ -155,7 +169,8 @@ def main() -> None:
         rows.append({"model": alias, "shared_prefix_on_s": round(on, 2), "shared_prefix_off_s": round(off, 2),
                      "ratio": round(on / off, 3),
                      "scheduler_share_16": round(statistics.median(own16), 4) if own16 else None})
-        ctx.close()
+        for c in ctxs.values():
+            c.close()
         model.close()
     if args.json:
         print(json.dumps(rows, indent=1))
