@@ -10,8 +10,10 @@ concurrent clients against:
 
 Each server is a subprocess on a free loopback port, waited for through /health (/v1/models for
 llama-cpp-python, which has no /health), warmed up with one short request, loaded, then stopped
-(SIGTERM, SIGKILL after a grace). Servers alternate: every repetition starts each server in turn
-and runs all its loads, so a slow moment of the machine does not land on one server only.
+(SIGTERM, SIGKILL after a grace). Servers alternate load by load: every repetition starts all
+of them, then runs each load on one server after the other (an idle server uses no CPU), in an
+order that reverses every load and every repetition, so a slow moment of the machine does not
+land on one server only and the two sides of a pair run seconds apart.
 Two prompt sets (a tuning set and a held-out set, 12 prompts each: letters, explanations, code,
 lists, dialogue) are both reported. Every request to a server gets a distinct prompt: the set's
 prompts in turn, each with a request number in front, so no server answers from a cache of a
@@ -441,28 +443,39 @@ def main() -> int:
     raw: dict[tuple[str, str, int], list[dict]] = {}
     t_all = time.perf_counter()
     for rep in range(args.reps):
-        order = specs if rep % 2 == 0 else specs[::-1]  # alternate, and alternate the order
-        for spec in order:
-            loads = [(s, c) for s in sets for c in spec.clients if c in clients_wanted]
-            if not loads:
-                continue
-            port = free_port()
-            log = args.log_dir / f"{spec.key}-rep{rep}.log" if args.log_dir else None
-            srv = Running(spec.argv(args.model, port, args.ctx, args.threads), port,
-                          spec.health_path, log)
-            try:
-                ready_s = srv.wait_ready()
+        order = specs if rep % 2 == 0 else specs[::-1]
+        # Every server of the repetition is started and warmed first; then each load runs on
+        # one server after the other, seconds apart, in an order that reverses from load to
+        # load and from repetition to repetition. An idle server waits without using the CPU,
+        # so the two sides of a pair see the same moment of a machine whose speed drifts.
+        running: dict[str, Running] = {}
+        ready: dict[str, float] = {}
+        try:
+            for spec in order:
+                if not any(c in clients_wanted for c in spec.clients):
+                    continue
+                port = free_port()
+                log = args.log_dir / f"{spec.key}-rep{rep}.log" if args.log_dir else None
+                srv = running[spec.key] = Running(spec.argv(args.model, port, args.ctx, args.threads),
+                                                  port, spec.health_path, log)
+                ready[spec.key] = srv.wait_ready()
                 warm = asyncio.run(stream_chat(port, chat_payload("Say hello.", 8), timeout=60))
                 if warm.status != 200:
                     raise RuntimeError(f"{spec.label}: warm-up failed: {warm.error}")
-                for set_name, clients in loads:
+            loads = [(s, c) for s in sets for c in sorted(clients_wanted)]
+            for li, (set_name, clients) in enumerate(loads):
+                turn = order if li % 2 == 0 else order[::-1]
+                for spec in turn:
+                    if clients not in spec.clients or spec.key not in running:
+                        continue
+                    srv = running[spec.key]
                     n = max(args.min_requests, clients * args.rounds)
                     prompts = prompts_for(PROMPT_SETS[set_name], n, rep, sets.index(set_name),
                                           clients)
                     cpu0, load0 = srv.cpu_s(), os.getloadavg()[0]
-                    res = asyncio.run(run_load(port, prompts, clients, args.max_tokens,
+                    res = asyncio.run(run_load(srv.port, prompts, clients, args.max_tokens,
                                                args.load_timeout))
-                    res["ready_s"] = ready_s
+                    res["ready_s"] = ready[spec.key]
                     # the server's CPU use (2 busy threads: ~200%) and the machine's load: a
                     # low share with a high load says another process took the cores
                     res["server_cpu_pct"] = 100 * (srv.cpu_s() - cpu0) / res["wall_s"]
@@ -475,7 +488,8 @@ def main() -> int:
                           f"{res['server_cpu_pct']:.0f}%  load {res['loadavg_1m']:.2f}"
                           + (f"  errors: {res['errors']}" if res["errors"] else ""),
                           file=sys.stderr, flush=True)
-            finally:
+        finally:
+            for srv in running.values():
                 srv.stop()
     total_s = time.perf_counter() - t_all
 
