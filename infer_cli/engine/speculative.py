@@ -416,6 +416,11 @@ class DraftModel(Speculator):
         # The draft's own confidence ends each draft where it becomes unsure (the threshold
         # adapts, see _learn): that follows acceptance token by token, where a length from the
         # average acceptance would cut confident runs short after one rejection.
+        # While the clock measures the cost, rounds are of long_round drafts at most: enough to
+        # tell the best case, and a draft too slow to ever pay is then found out after a few
+        # short rounds instead of rounds of draft_max tokens, each at a loss.
+        if self.stats.cost is None:
+            return min(self.draft_max, self.long_round)
         return self.draft_max
 
     def _learn(self, drafted: int, accepted: int) -> None:
