@@ -262,14 +262,16 @@ class WorkerBusy(InferError):
 
 
 class WorkerVersionMismatch(InferError):
-    def __init__(self, endpoint: str, version: tuple[int, int, int] | None, reason: str = ""):
-        from infer_cli.engine.rpc import PROTOCOL  # light: no llama_cpp at import
+    """``version``: what the worker answered (None: no valid answer); ``expected``: the protocol
+    of this build."""
 
-        mine = ".".join(map(str, PROTOCOL))
+    def __init__(self, endpoint: str, version: tuple[int, int, int] | None,
+                 expected: tuple[int, int, int], reason: str = ""):
+        mine = ".".join(map(str, expected))
         theirs = ".".join(map(str, version)) if version else None
         super().__init__(reason and f"RPC worker {endpoint}: {reason}" or
                          f"RPC worker {endpoint} speaks protocol {theirs}; this build speaks {mine}")
-        self.endpoint, self.version, self.reason = endpoint, version, reason
+        self.endpoint, self.version, self.expected, self.reason = endpoint, version, expected, reason
 
 
 class WorkerLost(InferError):

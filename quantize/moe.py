@@ -80,9 +80,9 @@ class Rows:
     def load(self):
         import numpy as np
 
-        from .safetensors_io import _DTYPES
+        from .safetensors_io import DTYPES
 
-        raw = np.memmap(self.ref.file, dtype=np.dtype(_DTYPES[self.ref.dtype]), mode="r",
+        raw = np.memmap(self.ref.file, dtype=np.dtype(DTYPES[self.ref.dtype]), mode="r",
                         offset=self.ref.start, shape=self.ref.shape)[:, self.lo:self.hi]
         if self.ref.dtype == "BF16":
             return (raw.astype(np.uint32) << 16).view(np.float32)

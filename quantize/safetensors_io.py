@@ -10,7 +10,7 @@ from pathlib import Path
 
 from infer_cli.errors import BadCheckpoint
 
-_DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8", "I64": "<i8", "I32": "<i4",
+DTYPES = {"F32": "<f4", "F16": "<f2", "BF16": "<u2", "F64": "<f8", "I64": "<i8", "I32": "<i4",
            "I16": "<i2", "I8": "i1", "U8": "u1", "BOOL": "u1"}
 
 
@@ -51,12 +51,12 @@ def read_header(path: Path) -> dict[str, TensorRef]:
             dtype, shape, (b, e) = v["dtype"], tuple(int(x) for x in v["shape"]), v["data_offsets"]
         except (KeyError, TypeError, ValueError):
             raise BadCheckpoint(str(path), f"corrupt safetensors entry for {name}") from None
-        if dtype not in _DTYPES:
+        if dtype not in DTYPES:
             raise BadCheckpoint(str(path), f"{name} has unsupported dtype {dtype}")
         count = 1
         for d in shape:
             count *= d
-        if not (0 <= b <= e and base + e <= size and e - b == count * int(_DTYPES[dtype][-1])):
+        if not (0 <= b <= e and base + e <= size and e - b == count * int(DTYPES[dtype][-1])):
             raise BadCheckpoint(str(path), f"{name}'s data lies outside the file or has the wrong size")
         out[name] = TensorRef(name, path, dtype, shape, base + b, base + e)
     return out
@@ -66,7 +66,7 @@ def load_f32(ref: TensorRef):
     """The tensor as float32 (BF16 widened by a 16-bit shift), reading only its bytes."""
     import numpy as np
 
-    raw = np.memmap(ref.file, dtype=np.dtype(_DTYPES[ref.dtype]), mode="r", offset=ref.start,
+    raw = np.memmap(ref.file, dtype=np.dtype(DTYPES[ref.dtype]), mode="r", offset=ref.start,
                     shape=ref.shape if ref.shape else (1,))
     if ref.dtype == "BF16":
         return (raw.astype(np.uint32) << 16).view(np.float32)

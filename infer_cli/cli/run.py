@@ -207,6 +207,7 @@ def run(
     json_mode: JsonOpt = False,
 ) -> None:
     """Generate text from a model, streaming it to stdout; statistics go to stderr."""
+    from infer_cli.engine import isolated
     from infer_cli.engine import runner as engine_runner
     from infer_cli.models import store
 
@@ -238,7 +239,7 @@ def run(
     settings = engine_runner.RunSettings(sampling_args.system, raw, sampling_args.max_tokens,
                                          sampling_args.stops, ignore_eos, truncate,
                                          not no_prompt_cache, sampling, spec)
-    runner = engine_runner.open_runner(resolved, opts, settings)  # --rpc: in a child process
+    runner = isolated.open_runner(resolved, opts, settings)  # --rpc: in a child process
     if prompt is None:
         raise typer.Exit(interactive(runner, out))
     raise typer.Exit(one_shot(runner, prompt, out, json_mode=json_mode, resolved=resolved))

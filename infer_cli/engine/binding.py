@@ -1,5 +1,6 @@
 """The llama-cpp-python binding: is the installed one the release infer is written against, and
-what llama.cpp build does it carry (for `infer --version`).
+what llama.cpp build does it carry: versions, ggml backends and devices (for `infer --version`
+and the hardware probe).
 
 The engine calls llama.cpp through the binding's low-level ctypes API, whose functions and
 structs change between releases; another release fails deep inside a load with an
@@ -17,6 +18,9 @@ from infer_cli.errors import BrokenInstall
 
 FIX = f"pip install llama-cpp-python=={PINNED_LLAMA_CPP}"
 
+# The RPC protocol version of the pinned llama.cpp build (ggml-rpc.h RPC_PROTO_*_VERSION): the
+# library does not export it, and a worker of another major version is refused.
+RPC_PROTOCOL = (7, 0, 0)
 # ggml backends that run on the host processor; any other registered backend drives a GPU or
 # an accelerator (CUDA, Metal, Vulkan, SYCL, HIP, ...).
 HOST_BACKENDS = frozenset({"CPU", "BLAS", "RPC", "AMX"})
@@ -77,13 +81,53 @@ def native_library(llama_cpp, stem: str) -> ctypes.CDLL | None:
     return None
 
 
+def _ggml_objects(llama_cpp, kind: str, *texts: str) -> list[tuple[str, ...]]:
+    """For each ggml object of one kind that libggml lists ('reg': registered backends, 'dev':
+    devices), the strings ``ggml_backend_<kind>_<text>`` returns for it ('' for NULL); empty
+    when libggml cannot be asked (absent, or a build without these calls)."""
+    lib = native_library(llama_cpp, "libggml")
+    if lib is None:
+        return []
+    try:
+        count = getattr(lib, f"ggml_backend_{kind}_count")
+        count.restype = ctypes.c_size_t
+        get = getattr(lib, f"ggml_backend_{kind}_get")
+        get.restype, get.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
+        getters = [getattr(lib, f"ggml_backend_{kind}_{text}") for text in texts]
+        for getter in getters:
+            getter.restype, getter.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
+        handles = [get(i) for i in range(count())]
+    except AttributeError:
+        return []
+    return [tuple((getter(h) or b"").decode(errors="replace") for getter in getters) for h in handles]
+
+
+def llama_backends(llama_cpp) -> list[str]:
+    """The ggml backends this llama.cpp build registered ('CPU', 'CUDA', 'Metal', ...), whether
+    or not a device for them is present; empty when libggml cannot be asked."""
+    return [name or "?" for (name,) in _ggml_objects(llama_cpp, "reg", "name")]
+
+
+def llama_devices(llama_cpp) -> list[str]:
+    """llama.cpp's own device list ('CPU', 'CUDA0 (NVIDIA H100)', ...) through libggml."""
+    return [f"{name} ({desc})" if desc and desc != name else name
+            for name, desc in _ggml_objects(llama_cpp, "dev", "name", "description")]
+
+
+def gpu_offload(llama_cpp) -> bool:
+    """Whether this build can offload to a local GPU. llama.cpp says yes for any build with the
+    RPC backend (its layers can go to workers); that alone is no GPU here."""
+    if not llama_cpp.llama_supports_gpu_offload():
+        return False
+    backends = llama_backends(llama_cpp)
+    return not backends or any(b.upper() not in HOST_BACKENDS for b in backends)
+
+
 def build_info(llama_cpp) -> BuildInfo:
     """The versions and backends of the llama.cpp build that ``llama_cpp`` loaded.
 
     llama.cpp's LLAMA_BUILD_NUMBER / LLAMA_COMMIT live in its `common` library, which the binding
     does not ship; the commit comes from libggml (``ggml_commit``), built from the same tree."""
-    from infer_cli.plan.hardware import gpu_offload, llama_backends
-
     lib = native_library(llama_cpp, "libggml")
     try:
         llama = llama_cpp.llama_version().decode(errors="replace")
@@ -125,9 +169,7 @@ def version_lines(infer_version: str) -> list[str]:
         gpu = "none (this build runs on the CPU only)"
     lines += [f"ggml backends: {backends}", f"GPU backends: {gpu}"]
     if any(x.upper() == "RPC" for x in b.backends):
-        from infer_cli.engine.rpc import PROTOCOL
-
-        lines.append(f"RPC: available (protocol {'.'.join(map(str, PROTOCOL))}; `infer worker`, --rpc)")
+        lines.append(f"RPC: available (protocol {'.'.join(map(str, RPC_PROTOCOL))}; `infer worker`, --rpc)")
     else:
         lines.append("RPC: not in this build (scripts/setup.sh builds it with GGML_RPC=ON)")
     return lines

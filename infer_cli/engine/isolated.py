@@ -493,6 +493,18 @@ def send_error(f, err: InferError) -> None:
     _send(f, ("error", _pack_error(err)))
 
 
+def open_runner(resolved, opts, settings):
+    """A ``Runner`` for `infer run`: in this process, or with RPC workers (--rpc, INFER_RPC,
+    models.toml) one whose engine runs in a child, so that a worker that dies mid-run cannot
+    abort this one."""
+    from infer_cli.engine.runner import Runner, with_rpc
+
+    opts = with_rpc(opts, resolved.entry)
+    if opts.rpc:
+        return IsolatedRunner(resolved, opts, settings)
+    return Runner(resolved, opts, settings)
+
+
 def batch_engine(resolved, opts, *, share_prefixes: bool = True, keep_idle: bool = False):
     """The batching engine for ``opts``: in this process, or with RPC workers (--rpc, INFER_RPC,
     models.toml) in a child, so that a worker that dies cannot abort this process."""

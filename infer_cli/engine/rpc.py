@@ -33,12 +33,11 @@ import socket
 import struct
 from dataclasses import dataclass, field
 
+from infer_cli.engine.binding import RPC_PROTOCOL, native_library, require
 from infer_cli.errors import (BadOption, RpcUnavailable, WorkerBusy, WorkerUnreachable,
                               WorkerVersionMismatch)
 
-# The protocol version of the pinned llama.cpp build (ggml-rpc.h RPC_PROTO_*_VERSION); the
-# library does not export it.
-PROTOCOL = (7, 0, 0)
+PROTOCOL = RPC_PROTOCOL  # what this build's libggml-rpc speaks
 DEFAULT_PORT = 50052
 PROBE_TIMEOUT = 3.0
 
@@ -184,12 +183,12 @@ def probe(endpoint: Endpoint | str, timeout: float = PROBE_TIMEOUT) -> WorkerInf
         except TimeoutError:
             raise WorkerBusy(str(ep), timeout) from None
         except ValueError as e:
-            raise WorkerVersionMismatch(str(ep), None, f"not an RPC worker of this protocol: {e}") from None
+            raise WorkerVersionMismatch(str(ep), None, PROTOCOL, f"not an RPC worker of this protocol: {e}") from None
         except OSError as e:
             raise WorkerUnreachable(str(ep), f"the handshake failed: {e.strerror or e}") from None
         major, minor, patch, _, _ = _HELLO_REPLY.unpack(reply)
         if major != PROTOCOL[0] or minor > PROTOCOL[1]:
-            raise WorkerVersionMismatch(str(ep), (major, minor, patch))
+            raise WorkerVersionMismatch(str(ep), (major, minor, patch), PROTOCOL)
         try:
             (count,) = struct.unpack("<I", _command(sock, CMD_DEVICE_COUNT, b"", 4))
             devices = []
@@ -230,8 +229,6 @@ def alive(endpoint: Endpoint | str, timeout: float = 1.0) -> bool:
 
 class _Libs:
     def __init__(self, llama_cpp):
-        from infer_cli.engine.binding import native_library
-
         self.rpc = native_library(llama_cpp, "libggml-rpc")
         self.ggml = native_library(llama_cpp, "libggml")
         if self.rpc is None or self.ggml is None:
@@ -257,8 +254,6 @@ _LIBS: _Libs | None = None
 def _libs() -> _Libs:
     global _LIBS
     if _LIBS is None:
-        from infer_cli.engine.binding import require
-
         _LIBS = _Libs(require())
     return _LIBS
 

@@ -64,10 +64,11 @@ def settle(opts: Options, info, entry=None, *, draft_info=None) -> Options:
     elif opts.gpu_layers is None:
         import llama_cpp
 
+        from infer_cli.engine.binding import gpu_offload
         from infer_cli.plan import hardware
 
         layers = 0
-        if hardware.gpu_offload(llama_cpp):  # not for an RPC backend alone
+        if gpu_offload(llama_cpp):  # not for an RPC backend alone
             from infer_cli.plan import fit
 
             layers = fit.plan(info, hardware.detect().hardware(), opts, draft=draft_info).gpu_layers
@@ -82,17 +83,6 @@ def with_rpc(opts: Options, entry) -> Options:
     if not opts.rpc and entry is not None and getattr(entry, "rpc", ()):
         return replace(opts, rpc=tuple(entry.rpc))
     return opts
-
-
-def open_runner(resolved, opts: Options, settings: RunSettings):
-    """A ``Runner`` for `infer run`; with RPC workers, one whose engine runs in a child process
-    (``engine.isolated``), so that a worker that dies mid-run cannot abort this one."""
-    opts = with_rpc(opts, resolved.entry)
-    if opts.rpc:
-        from infer_cli.engine.isolated import IsolatedRunner
-
-        return IsolatedRunner(resolved, opts, settings)
-    return Runner(resolved, opts, settings)
 
 
 def settle_rpc(opts: Options, info) -> Options:

@@ -351,7 +351,8 @@ def _swa_layers(info, arch: str, n_layer: int, n_swa: int) -> tuple[bool, ...]:
 # Components
 
 
-def _pad(n: int, to: int) -> int:
+def pad(n: int, to: int) -> int:
+    """``n`` rounded up to a multiple of ``to``, as llama.cpp pads its buffers."""
     return (n + to - 1) // to * to
 
 
@@ -360,40 +361,42 @@ def _row_bytes(n: int, kv_type: str) -> int:
 
 
 @dataclass(frozen=True)
-class _Ctx:
+class CacheShape:
+    """The KV cache llama.cpp allocates for some options (see ``cache_shape``)."""
+
     n_ctx: int      # padded cells
     n_swa: int      # cells of SWA layers
     n_ubatch: int
 
 
-def _context(m: Model, o: Options) -> _Ctx:
-    n_ctx = _pad(o.n_ctx, CTX_PAD)
+def cache_shape(m: Model, o: Options) -> CacheShape:
+    n_ctx = pad(o.n_ctx, CTX_PAD)
     n_batch = min(o.n_ctx, o.n_batch)
     n_ubatch = min(n_batch, o.n_ubatch)
     n_swa = n_ctx
     if any(m.swa_layers) and not o.swa_full:
         # one unified pool: every sequence keeps its own window (llama-kv-cache-iswa.cpp)
-        n_swa = _pad(min(n_ctx, m.n_swa * o.n_seq + n_ubatch), CTX_PAD)
-    return _Ctx(n_ctx, n_swa, n_ubatch)
+        n_swa = pad(min(n_ctx, m.n_swa * o.n_seq + n_ubatch), CTX_PAD)
+    return CacheShape(n_ctx, n_swa, n_ubatch)
 
 
-def kv_layer_bytes(m: Model, o: Options, il: int, c: _Ctx | None = None) -> int:
+def kv_layer_bytes(m: Model, o: Options, il: int, c: CacheShape | None = None) -> int:
     """KV bytes of block ``il``: K and V rows of n_head_kv x head_dim, one per cell."""
-    c = c or _context(m, o)
+    c = c or cache_shape(m, o)
     cells = c.n_swa if m.swa_layers[il] else c.n_ctx
     k = _row_bytes(m.n_head_kv[il] * m.head_dim_k, o.cache_type_k)
     v = _row_bytes(m.n_head_kv[il] * m.head_dim_v, o.cache_type_v)
     return cells * (k + v)
 
 
-def compute_bytes(m: Model, o: Options, c: _Ctx | None = None, *, logits: bool = True,
+def compute_bytes(m: Model, o: Options, c: CacheShape | None = None, *, logits: bool = True,
                   attention: bool = True, gpu: bool = False) -> int:
     """Peak of llama.cpp's compute buffer for one device.
 
     ``logits``: the output layer runs here; ``attention``: some blocks run here; ``gpu``: the
     CUDA buffer, where the logits phase holds one activation less (H200 run, see
     ``_offloaded``)."""
-    c = c or _context(m, o)
+    c = c or cache_shape(m, o)
     ub = c.n_ubatch
     phases = [ub * 4 * 2 * m.n_embd]
     if logits:
@@ -405,7 +408,7 @@ def compute_bytes(m: Model, o: Options, c: _Ctx | None = None, *, logits: bool =
         n_kv = c.n_ctx if not all(m.swa_layers) else c.n_swa
         act = ub * 4 * 6 * m.n_embd  # q, k, v, residual, norms of a ubatch
         if o.fa:
-            phases.append(n_kv * _pad(ub, 64) * 2 + act)  # f16 mask
+            phases.append(n_kv * pad(ub, 64) * 2 + act)  # f16 mask
         else:
             masks = n_kv * ub * 4 + (c.n_swa * ub * 4 if any(m.swa_layers) and c.n_swa != n_kv else 0)
             phases.append(n_kv * ub * 4 * m.n_head + masks + act)  # f32 scores of every head
@@ -428,7 +431,7 @@ def _moe_outputs(m: Model) -> int:
     return 2 * m.n_embd * m.n_expert_used + 2 * m.n_embd if m.n_expert_used else 0
 
 
-def decode_compute_bytes(m: Model, o: Options, c: _Ctx | None = None) -> int:
+def decode_compute_bytes(m: Model, o: Options, c: CacheShape | None = None) -> int:
     """The part of the CPU compute buffer (``compute_bytes``) that ordinary generation writes.
 
     llama.cpp sizes the buffer for a ubatch of n_ubatch tokens that all want logits, so its peak
@@ -446,12 +449,12 @@ def decode_compute_bytes(m: Model, o: Options, c: _Ctx | None = None) -> int:
     pages a real process wrote: SmolLM2, n_ctx 512, n_ubatch 512, the last written page of the
     98.25 MiB buffer ends at 13.97 MiB (this gives 14.00); Gemma 3 270M, n_ctx 4096, at 22.77
     of 514.50 (this gives 22.75)."""
-    c = c or _context(m, o)
+    c = c or cache_shape(m, o)
     ub = c.n_ubatch
     full, swa = not all(m.swa_layers), any(m.swa_layers)
     ffn = ub * 4 * max(3 * m.n_ff + 3 * m.n_embd + m.n_head * m.head_dim_k, _moe_outputs(m))
     if o.fa:
-        rows = _pad(ub, 64)
+        rows = pad(ub, 64)
         cells = (c.n_ctx if full else 0) + (c.n_swa if swa else 0)
         return ffn + cells * rows * 2
     masks = (c.n_ctx * ub * 4 if full else 0) + (c.n_swa * ub * 4 if swa else 0)
@@ -466,7 +469,7 @@ def process_bytes(m: Model) -> int:
     return RUNTIME_RSS + LLAMA_STATE_RSS + m.n_vocab * VOCAB_TOKEN_BYTES + m.n_merges * VOCAB_MERGE_BYTES
 
 
-def _offloaded(m: Model, o: Options, c: _Ctx, first_gpu: int, out_on_gpu: bool,
+def _offloaded(m: Model, o: Options, c: CacheShape, first_gpu: int, out_on_gpu: bool,
                moe_cpu: range = range(0)) -> tuple[int, int]:
     """(CUDA_Host, CUDA0) compute buffers when ggml-cuda runs the ubatch's ops on the GPU
     whatever n_gpu_layers is (n_ubatch >= CUDA_OFFLOAD_MIN_BATCH).
@@ -500,12 +503,12 @@ def _offloaded(m: Model, o: Options, c: _Ctx, first_gpu: int, out_on_gpu: bool,
             n_kv = c.n_ctx if not all(m.swa_layers) else c.n_swa
             # measured: n_gpu_layers 1, n_ctx 65536 -> CUDA0 compute 345.00 MiB = K + V of a
             # CPU layer (256) + the f16 mask (64) + ~3 activations of the ubatch (24)
-            act = ub * 4 * 3 * m.n_embd + n_kv * _pad(ub, 64) * 2
+            act = ub * 4 * 3 * m.n_embd + n_kv * pad(ub, 64) * 2
             gpu = max(gpu, act + max(kv_layer_bytes(m, o, il, c) for il in cpu_blocks))
     masks = 0
     mask_cells = ([c.n_ctx] if not all(m.swa_layers) else []) + ([c.n_swa] if any(m.swa_layers) else [])
     for cells in mask_cells:
-        masks += cells * _pad(ub, 64) * 2 if o.fa else cells * ub * 4
+        masks += cells * pad(ub, 64) * 2 if o.fa else cells * ub * 4
     cpu = 2 * ub * 4 * m.n_embd + masks
     return cpu, gpu
 
@@ -521,7 +524,7 @@ def output_bytes(m: Model, n_seq: int = 1) -> int:
 
 def memory(m: Model, hw: Hardware, o: Options, gpu_layers: int) -> tuple[Memory, Memory]:
     """(cpu, gpu) memory with ``gpu_layers`` offloaded (llama.cpp's n_gpu_layers semantics)."""
-    c = _context(m, o)
+    c = cache_shape(m, o)
     gpu_layers = layers_on_gpu(m, gpu_layers) if hw.vram > 0 else 0
     first_gpu = m.n_layer + 1 - gpu_layers  # blocks il >= first_gpu run on the GPU
     out_on_gpu = gpu_layers >= 1
@@ -546,7 +549,7 @@ def memory(m: Model, hw: Hardware, o: Options, gpu_layers: int) -> tuple[Memory,
         span = m.mapped_span(groups, moe_gpu)
         if span is not None:
             cpu.weights = max(cpu.weights, span)
-    cpu.output = _pad(output_bytes(m, o.n_seq), 32)
+    cpu.output = pad(output_bytes(m, o.n_seq), 32)
     if hw.vram > 0 and hw.backend == "cuda" and c.n_ubatch >= CUDA_OFFLOAD_MIN_BATCH:
         cpu.compute, gpu.compute = _offloaded(m, o, c, first_gpu, out_on_gpu, moe_cpu)
         gpu.overhead = GPU_OVERHEAD["cuda"]  # the CUDA context exists even with 0 layers
@@ -598,7 +601,7 @@ def plan(info_or_model, hardware: Hardware, options: Options = Options(), *,
     if d is not None:  # the target gets what the draft leaves
         hw = replace(hardware, ram=hardware.ram - int(d.cpu.total / (1 - RAM_MARGIN)),
                      vram=max(0, hardware.vram - int((d.gpu.total - d.gpu.overhead) / (1 - VRAM_MARGIN))))
-    c = _context(m, options)
+    c = cache_shape(m, options)
     if options.gpu_layers is not None:
         n = layers_on_gpu(m, options.gpu_layers) if hw.vram > 0 else 0
     else:

@@ -8,7 +8,6 @@ Every probe is optional: a missing tool gives fewer facts, never an error.
 
 from __future__ import annotations
 
-import ctypes
 import os
 import platform
 import re
@@ -75,9 +74,11 @@ def detect(*, llama: bool = True) -> MachineInfo:
         except ImportError:
             llama_cpp = None
         if llama_cpp is not None:
+            from infer_cli.engine import binding  # (the engine package: only with llama.cpp)
+
             info.simd = _simd(llama_cpp.llama_print_system_info().decode(errors="replace"))
-            info.gpu_offload = gpu_offload(llama_cpp)
-            info.llama_devices = _llama_devices(llama_cpp)
+            info.gpu_offload = binding.gpu_offload(llama_cpp)
+            info.llama_devices = binding.llama_devices(llama_cpp)
     if info.gpus and not info.gpu_offload and any(g.backend == "cuda" for g in info.gpus):
         info.fix = REINSTALL_CUDA
     return info
@@ -166,52 +167,6 @@ def _apple() -> list[GPU]:
     # (what llama.cpp logs as "recommendedMaxWorkingSetSize"); a set wired limit replaces it.
     limit = int(wired) << 20 if wired.isdigit() and int(wired) > 0 else int(mem * (0.75 if mem > 36 * GIB else 0.67))
     return [GPU(chip, limit, None, "metal", None, None, "sysctl")]
-
-
-def _ggml_objects(llama_cpp, kind: str, *texts: str) -> list[tuple[str, ...]]:
-    """For each ggml object of one kind that libggml lists ('reg': registered backends, 'dev':
-    devices), the strings ``ggml_backend_<kind>_<text>`` returns for it ('' for NULL); empty
-    when libggml cannot be asked (absent, or a build without these calls)."""
-    from infer_cli.engine.binding import native_library
-
-    lib = native_library(llama_cpp, "libggml")
-    if lib is None:
-        return []
-    try:
-        count = getattr(lib, f"ggml_backend_{kind}_count")
-        count.restype = ctypes.c_size_t
-        get = getattr(lib, f"ggml_backend_{kind}_get")
-        get.restype, get.argtypes = ctypes.c_void_p, [ctypes.c_size_t]
-        getters = [getattr(lib, f"ggml_backend_{kind}_{text}") for text in texts]
-        for getter in getters:
-            getter.restype, getter.argtypes = ctypes.c_char_p, [ctypes.c_void_p]
-        handles = [get(i) for i in range(count())]
-    except AttributeError:
-        return []
-    return [tuple((getter(h) or b"").decode(errors="replace") for getter in getters) for h in handles]
-
-
-def llama_backends(llama_cpp) -> list[str]:
-    """The ggml backends this llama.cpp build registered ('CPU', 'CUDA', 'Metal', ...), whether
-    or not a device for them is present; empty when libggml cannot be asked."""
-    return [name or "?" for (name,) in _ggml_objects(llama_cpp, "reg", "name")]
-
-
-def _llama_devices(llama_cpp) -> list[str]:
-    """llama.cpp's own device list ('CPU', 'CUDA0 (NVIDIA H100)', ...) through libggml."""
-    return [f"{name} ({desc})" if desc and desc != name else name
-            for name, desc in _ggml_objects(llama_cpp, "dev", "name", "description")]
-
-
-def gpu_offload(llama_cpp) -> bool:
-    """Whether this build can offload to a local GPU. llama.cpp says yes for any build with the
-    RPC backend (its layers can go to workers); that alone is no GPU here."""
-    from infer_cli.engine.binding import HOST_BACKENDS
-
-    if not llama_cpp.llama_supports_gpu_offload():
-        return False
-    backends = llama_backends(llama_cpp)
-    return not backends or any(b.upper() not in HOST_BACKENDS for b in backends)
 
 
 def _run(cmd: list[str]) -> str | None:

@@ -148,7 +148,7 @@ def _budget(dev: WorkerDevice) -> int:
 def memory(m: fit.Model, o: Options, devices: list[WorkerDevice], gpu_layers: int,
            split: list[float]) -> tuple[Memory, list[DevicePlan]]:
     """(local CPU, per device) memory for this placement."""
-    c = fit._context(m, o)
+    c = fit.cache_shape(m, o)
     where = assign(m.n_layer, gpu_layers, split)
     plans = [DevicePlan(d, [], False, Memory(), _budget(d)) for d in devices]
     cpu = Memory(weights=m.embd_bytes)
@@ -169,7 +169,7 @@ def memory(m: fit.Model, o: Options, devices: list[WorkerDevice], gpu_layers: in
         span = m.mapped_span(cpu_groups)
         if span is not None:
             cpu.weights = max(cpu.weights, span)
-    cpu.output = fit._pad(fit.output_bytes(m, o.n_seq), 32)
+    cpu.output = fit.pad(fit.output_bytes(m, o.n_seq), 32)
     cpu_blocks = any(where[il] < 0 for il in range(m.n_layer))
     if all(w < 0 for w in where):
         cpu.compute = fit.compute_bytes(m, o, c)
