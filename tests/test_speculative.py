@@ -318,6 +318,28 @@ def test_the_cost_is_measured_against_the_plain_steps_around_each_round(monkeypa
     assert spec.stats.switches == []
 
 
+def test_a_probe_measures_the_cost_again(monkeypatch):
+    # Measured while another process had the CPU, a drafted token costs 0.6 plain steps, and
+    # at 50% acceptance speculation switches off. By the probe the load is gone and drafts
+    # cost 0.1: the probe measures that over its first rounds (each followed by a plain step)
+    # and the same acceptance now pays, so it is back on, with both figures in the stats.
+    spec, clock, run = _calibrating(monkeypatch, 0.010, kind=speculative.PromptLookup)
+    run([(4, 1)] * 40, seconds_per_step=0.010, cost=0.6)
+    [off] = spec.stats.switches
+    assert off["to"] == "off" and "costing 0.60 plain steps" in off["why"]
+    assert speculative.gain(0.5, [4], 0.6) < 1 <= speculative.gain(0.5, [4], 0.1)
+    while spec.stats.switched_off:  # plain steps until the probe is due
+        spec.produced += 1
+        spec.speculating()
+    assert spec.stats.probes == 1 and spec.remeasuring
+    kinds = run([(4, 1)] * 8, seconds_per_step=0.010, cost=0.1)
+    assert kinds[:6] == ["round", "plain"] * 3  # the probe's rounds are measured, as at first
+    on = spec.stats.switches[-1]
+    assert on["to"] == "on" and "costing 0.10 plain steps" in on["why"]
+    assert spec.stats.costs == [pytest.approx(0.6), pytest.approx(0.1)]
+    assert not spec.remeasuring and spec.stats.cost == pytest.approx(0.1)
+
+
 def test_a_draft_that_could_not_pay_with_every_draft_taken_stops_at_once(monkeypatch):
     # A draft nearly as slow as its target (tiny models, where fixed per-token costs dominate):
     # the first two long rounds measured show that even all drafts taken would not beat plain

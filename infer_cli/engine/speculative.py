@@ -11,10 +11,11 @@ The policy decides from acceptance counts. A draft model drafts until it is unsu
 ``draft_max``; lookup's length grows while drafts are taken whole and falls back after a
 rejection. Whether speculation pays is judged on the latest drafted tokens (not rounds), with
 the acceptance estimate's confidence interval, against one cost figure: what a drafted token
-costs in plain steps, measured once over the first rounds and then frozen (from the model sizes
-when sampling is seeded, so that nothing depends on the clock). Switched off, it probes again
-every so often and switches back on when acceptance has recovered. Given the tokens and that
-cost figure, every decision is deterministic.
+costs in plain steps, measured over the first rounds (from the model sizes when sampling is
+seeded, so that nothing depends on the clock). Switched off, it probes again every so often,
+measures the cost again over the probe's first rounds (the machine's load may have changed
+since), and switches back on when acceptance has recovered. Given the tokens and the cost
+figures, every decision is deterministic.
 
 One verdict needs no acceptance evidence: when the first two long rounds each show that even every
 draft taken would hardly beat plain decoding (a draft model nearly as slow as its target, as tiny
@@ -52,6 +53,8 @@ class SpecStats:
     probes: int = 0                # times it tried speculating again after switching off
     cost: float | None = None      # plain steps one drafted token costs (drafting + verifying)
     cost_from: str = ""            # "measured" or "model sizes"
+    costs: list = field(default_factory=list)  # every measured figure, the first one and then
+                                               # one per probe
     draft_max: int = 16
 
     @property
@@ -158,7 +161,7 @@ class Speculator:
     pay for the rounds drafted; switched off, it probes again after ``probe_after`` plain tokens
     (doubling after each failed probe) and is back on when the probe's acceptance pays. Like
     llama.cpp's own speculative decoding, lengths and thresholds are fixed or follow the counts;
-    the clock gives the one cost figure, once."""
+    the clock gives only the cost figure: at the start, and again at each probe."""
 
     draft_max: int = 16
     draft_min: int = 1
@@ -187,7 +190,8 @@ class Speculator:
     next_probe: int | None = None
     probe_gap: int = 0
     recent: deque = field(default_factory=deque)  # per round: (trials, accepted, drafted)
-    plain_times: list = field(default_factory=list)
+    last_plain_s: float | None = None  # the latest plain step's time
+    remeasuring: bool = False   # a probe measuring the cost again (the old figure meanwhile)
     round_costs: list = field(default_factory=list)  # per calibration round: plain steps a draft
     best_case: list = field(default_factory=list)  # per long round: (drafted, plain steps taken)
     pending: tuple | None = None  # a calibration round awaiting its plain step: (drafted, s)
@@ -225,10 +229,15 @@ class Speculator:
         self.observe(len(drafts), len(out) - 1, seconds - self.catch_up_s)
         return out
 
+    @property
+    def measuring(self) -> bool:
+        """Whether the clock is measuring the cost figure now."""
+        return self.stats.cost is None or self.remeasuring
+
     def speculating(self) -> bool:
         """Whether the next step drafts (else it is a plain one); starts a probe when due."""
         st = self.stats
-        if st.cost is None and (st.plain_tokens < self.plain_first or self.pending):
+        if self.measuring and (st.plain_tokens < self.plain_first or self.pending):
             return False
         if st.switched_off:
             if self.next_probe is None or self.produced < self.next_probe:
@@ -246,8 +255,8 @@ class Speculator:
         st.drafted += drafted
         st.accepted += accepted
         self._learn(drafted, accepted)
-        if st.cost is None and st.rounds > 1 and seconds is not None:
-            # The first round pays one-time costs (graph sizes, allocation): not measured.
+        if self.measuring and seconds is not None and (st.rounds > 1 or self.remeasuring):
+            # The run's first round pays one-time costs (graph sizes, allocation): not measured.
             self.pending = (drafted, seconds)
         self.recent.append((accepted + rejected, accepted, drafted))
         while sum(t for t, _, _ in self.recent) - self.recent[0][0] >= self.window:
@@ -261,10 +270,15 @@ class Speculator:
         self.pending = None
         steps = seconds / ((before + after) / 2)
         self.round_costs.append((steps - 1) / drafted)
-        if drafted >= self.long_round:
+        if drafted >= self.long_round and not self.remeasuring:
             self.best_case.append((drafted, steps))
         if len(self.round_costs) >= self.calibrate_rounds:
             st.cost, st.cost_from = max(0.0, statistics.median(self.round_costs)), "measured"
+            st.costs.append(round(st.cost, 3))
+            self.round_costs = []
+            if self.remeasuring:  # the probe's verdict waited for its own figure
+                self.remeasuring = False
+                self._judge()
         self._judge_best_case()
 
     def _judge_best_case(self) -> None:
@@ -293,10 +307,9 @@ class Speculator:
         st.plain_s += dt
         st.plain_tokens += 1
         self.produced += 1
-        if st.cost is None:
-            if self.pending and self.plain_times:
-                self._calibrate(self.plain_times[-1], dt)
-            self.plain_times.append(dt)
+        if self.pending and self.last_plain_s is not None:
+            self._calibrate(self.last_plain_s, dt)
+        self.last_plain_s = dt
         return [tok]
 
     # the draft length: from acceptance alone ------------------------------------------------
@@ -324,7 +337,7 @@ class Speculator:
 
     def _judge(self) -> None:
         st = self.stats
-        if st.cost is None:
+        if self.measuring:
             return
         trials, accepted, lengths = self.judged()
         if trials < (self.probe_evidence if self.probing else self.evidence):
@@ -368,6 +381,12 @@ class Speculator:
         self.probing = True
         self.recent.clear()  # judged on what follows, not on the stretch that switched it off
         self.n_draft = max(self.draft_min, min(self.draft_max, 4))
+        # What a drafted token costs may have changed since it was measured (another process
+        # started or ended on the CPU, a longer context): the probe measures it again, as at
+        # the start, and judges on the new figure. A figure the clock did not give (seeded
+        # sampling's, from the model sizes) is kept.
+        if self.stats.cost_from == "measured":
+            self.remeasuring, self.round_costs, self.pending = True, [], None
 
 
 def verify(session, sampler, last: int, drafts: list[int]) -> list[int]:
@@ -416,10 +435,11 @@ class DraftModel(Speculator):
         # The draft's own confidence ends each draft where it becomes unsure (the threshold
         # adapts, see _learn): that follows acceptance token by token, where a length from the
         # average acceptance would cut confident runs short after one rejection.
-        # While the clock measures the cost, rounds are of long_round drafts at most: enough to
+        # While the clock measures the cost (at the start and again in a probe), rounds are of
+        # long_round drafts at most, as the first figure was measured: enough to
         # tell the best case, and a draft too slow to ever pay is then found out after a few
         # short rounds instead of rounds of draft_max tokens, each at a loss.
-        if self.stats.cost is None:
+        if self.measuring:
             return min(self.draft_max, self.long_round)
         return self.draft_max
 
