@@ -169,9 +169,10 @@ class Speculator:
     reproducible: bool = False  # seeded sampling: the cost comes from model sizes, not the clock
     plain_first: int = 3        # plain steps first: the baseline the cost is measured against
     calibrate_rounds: int = 3   # rounds after the first whose cost, in plain steps, is the
-                                # figure used from then on (their median); each is followed by
-                                # a plain step, and measured against the plain steps on either
-                                # side of it (a CPU's speed drifts by a third within a second)
+                                # figure used until a probe measures it again (their median);
+                                # each is followed by a plain step, and measured against the
+                                # plain steps on either side of it (a CPU's speed drifts by a
+                                # third within a second)
     evidence: int = 32          # drafted tokens judged before a verdict
     probe_evidence: int = 16    # the same for a probe
     window: int = 128           # the verdict's memory, in drafted tokens
@@ -386,7 +387,7 @@ class Speculator:
         # the start, and judges on the new figure. A figure the clock did not give (seeded
         # sampling's, from the model sizes) is kept.
         if self.stats.cost_from == "measured":
-            self.remeasuring, self.round_costs, self.pending = True, [], None
+            self.remeasuring = True  # (no round is pending, none half-counted, when it is off)
 
 
 def verify(session, sampler, last: int, drafts: list[int]) -> list[int]:
