@@ -233,3 +233,20 @@ def test_bench_serve_pairs_each_repetition_with_the_server_that_ran_beside_it():
     # a server that missed a repetition: no pairing is claimed
     raw[("llama4", "held-out", 1)].pop()
     assert bench.paired(raw, "infer4", "llama4", "held-out", 1, "agg_tps") is None
+
+
+def test_bench_engine_pairs_each_repetition_with_the_native_run_beside_it():
+    """As bench_serve: llama-bench speeds up over the run and infer decodes at 0.95 of whatever
+    it got beside it, but once, so the paired ratio is 0.95 and the ratio of the medians is not;
+    it is reported beside that ratio, which `met` still judges."""
+    from tests.scripts import load_script
+
+    bench = load_script("bench_engine")
+    s = bench.Series(native=[80.0, 100.0, 120.0], infer=[76.0, 80.0, 114.0])
+    assert abs(bench.paired(s) - 0.95) < 1e-9
+    text, (row,) = bench.table({"smollm2": {"path": "m.gguf", "decode": s}}, None,
+                               type("Args", (), {"cache_tokens": 1500})())
+    assert abs(row["paired"] - 0.95) < 1e-9 and row["ratio"] == 80.0 / 100.0 and not row["met"]
+    assert "| 0.800 | 0.950 |" in text
+    # an infer side that failed part-way: no pairing is claimed
+    assert bench.paired(bench.Series(native=[80.0, 100.0], infer=[76.0])) is None
