@@ -426,3 +426,37 @@ def test_the_statistics_line_says_when_it_switched():
     st.switches = [{"token": 41, "to": "off", "why": "w"}, {"token": 105, "to": "on", "why": "v"}]
     line = stats_line(Stats(generated_tokens=200, speculative=st.as_dict()), "length")
     assert "draft: 30/40 drafted accepted (75%), off at token 41, on at token 105" in line
+
+
+def test_the_first_measured_cost_alone_does_not_stop_it_for_good(monkeypatch):
+    # A neighbour on the CPU during two of the three calibration rounds: a drafted token
+    # measures 1.0 plain steps (the median of 0.6, 1.0, 1.0), at which even 90% acceptance
+    # would not pay, so it switches off; the first round's best case (1.5x) kept the cost
+    # verdict away. On one figure from the clock it still probes: the probe measures 0.1, and
+    # the same acceptance pays.
+    def disturbed(run):
+        run([(4, 3)] * 2, seconds_per_step=0.010, cost=0.6)  # the first is not measured
+        run([(4, 3)] * 40, seconds_per_step=0.010, cost=1.0)
+
+    spec, clock, run = _calibrating(monkeypatch, 0.010, kind=speculative.PromptLookup)
+    disturbed(run)
+    [off] = spec.stats.switches
+    assert off["to"] == "off" and "costing 1.00 plain steps" in off["why"]
+    assert f"next probe at token {off['token'] + 64}" in off["why"]
+    assert "a probe measures that figure again" in off["why"]
+    while spec.stats.switched_off:
+        spec.produced += 1
+        spec.speculating()
+    run([(4, 3)] * 8, seconds_per_step=0.010, cost=0.1)
+    assert spec.stats.switches[-1]["to"] == "on"
+    assert spec.stats.costs == [pytest.approx(1.0), pytest.approx(0.1)]
+    # A probe that measures the same 1.0 again confirms it: off for good this time.
+    spec, clock, run = _calibrating(monkeypatch, 0.010, kind=speculative.PromptLookup)
+    disturbed(run)
+    while spec.stats.switched_off:
+        spec.produced += 1
+        spec.speculating()
+    run([(4, 3)] * 8, seconds_per_step=0.010, cost=1.0)
+    again = spec.stats.switches[-1]
+    assert again["to"] == "off" and "no probes: 90% acceptance would give" in again["why"]
+    assert spec.stats.probes == 1 and spec.next_probe is None

@@ -366,15 +366,28 @@ class Speculator:
             self.next_probe = None
             why += "; no probes"
         elif (best := max(gain(self.probe_ceiling, n, st.cost)
-                          for n in range(1, self.draft_max + 1))) < 1.1:
+                          for n in range(1, self.draft_max + 1))) < 1.1 and not self._unconfirmed:
             # even a good stretch would hardly pay: probing would only cost
             self.next_probe = None
             why += f"; no probes: {self.probe_ceiling:.0%} acceptance would give {best:.2f}x plain"
         else:
             self.next_probe = self.produced + self.probe_gap
             why += f"; next probe at token {self.next_probe}"
+            if best < 1.1:  # a probe measures the cost again
+                why += f" (at {st.cost:.2f} plain steps a drafted token even " \
+                       f"{self.probe_ceiling:.0%} acceptance would give {best:.2f}x plain: a probe " \
+                       "measures that figure again before it stops for good)"
         st.switched_off = f"speculation switched off: {why}"
         st.switches.append({"token": self.produced, "to": "off", "why": why})
+
+    @property
+    def _unconfirmed(self) -> bool:
+        """Whether the cost figure is the clock's first: over three rounds, a neighbour on the CPU
+        can nearly double it (two of 45 Gemma 3 F32 runs with its Q4_K_M draft measured 0.98 and
+        1.06 plain steps a drafted token where the median run measured 0.55, and at 98%
+        acceptance stopped for the rest of the run). Such a figure alone does not stop
+        speculation for good: a probe measures it again first."""
+        return self.stats.cost_from == "measured" and len(self.stats.costs) < 2
 
     def _start_probe(self) -> None:
         self.stats.switched_off = None
