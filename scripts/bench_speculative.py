@@ -24,7 +24,7 @@ Greedy text can part at near-ties (a batch of drafts is computed in another orde
 tokens), so "same text" counts the prompts whose text equals plain decoding in every run.
 
     flock /tmp/infer-cpu.lock .venv/bin/python scripts/bench_speculative.py [--reps 5]
-        [--tokens 256] [--threads 2] [--sets tuning,held-out,fresh]
+        [--tokens 256] [--threads 2] [--sets tuning,held-out,fresh,fresh-copy]
         [--pairs gemma,smollm2-f32,smollm2-f16,lookup]
 """
 
@@ -120,7 +120,32 @@ FRESH = [
     ("copy/edit", f"Here is a notice:\n\n{NOTICE}\n\nCopy the notice word for word, but change "
                   f"'Friday' to 'Thursday' everywhere."),
 ]
-SETS = {"tuning": TUNING, "held-out": HELD_OUT, "fresh": FRESH}
+INVOICE_CODE = "\n".join([
+    "def invoice_total(lines, tax_rate):",
+    "    total = 0",
+    "    for line in lines:",
+    "        price = line['price'] * line['quantity']",
+    "        if line.get('discount'):",
+    "            price -= price * line['discount']",
+    "        total += price",
+    "    tax = total * tax_rate",
+    "    return round(total + tax, 2)",
+])
+EMAIL = " ".join([
+    "Dear Ms Patel, thank you for your order of twelve garden chairs. They will be delivered on",
+    "Tuesday between 9 am and 1 pm; the driver will call you half an hour before he arrives. If",
+    "nobody is at home on Tuesday, please tell us by replying to this email, and we will arrange",
+    "another day. Kind regards, the Dispatch Team.",
+])
+# Copy/edit prompts written after prompt lookup's n-gram length was chosen (2026-12-06) and never
+# run while choosing it: the fresh set has only one.
+FRESH_COPY = [
+    ("copy/edit", f"Here is a Python function:\n\n{INVOICE_CODE}\n\nRewrite it exactly as it is, "
+                  f"but rename the variable 'total' to 'subtotal' everywhere."),
+    ("copy/edit", f"Here is an email:\n\n{EMAIL}\n\nCopy the email word for word, but change "
+                  f"'Tuesday' to 'Wednesday' everywhere."),
+]
+SETS = {"tuning": TUNING, "held-out": HELD_OUT, "fresh": FRESH, "fresh-copy": FRESH_COPY}
 
 TEMPLATES = {  # the chat template each family's GGUF carries, for one user turn
     "gemma": "<start_of_turn>user\n{}<end_of_turn>\n<start_of_turn>model\n",
