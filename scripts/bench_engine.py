@@ -475,10 +475,9 @@ def spread(xs: list[float]) -> str:
 def paired(s: Series) -> float | None:
     """The median of each repetition's infer / native, the two runs of a repetition back to back:
     a VM whose speed drifts within a run moves it less than the ratio of the two medians."""
-    ratios = [i / n for n, i in zip(s.native, s.infer) if n]
-    if not ratios or len(s.native) != len(s.infer):
+    if len(s.native) != len(s.infer):  # a side that failed part-way: no pairs to claim
         return None
-    return median(ratios)
+    return median([i / n for n, i in zip(s.native, s.infer) if n])
 
 
 def table(results: dict, startup: Series | None, args) -> tuple[str, list[dict]]:

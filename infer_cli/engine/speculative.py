@@ -362,18 +362,20 @@ class Speculator:
         failed_probe = self.probing
         self.probing = False
         self.probe_gap = self.probe_gap * 2 if failed_probe else self.probe_after
+        # even a good stretch would hardly pay: probing would only cost
+        best = None if for_good else max(gain(self.probe_ceiling, n, st.cost)
+                                         for n in range(1, self.draft_max + 1))
+        hopeless = best is not None and best < 1.1
         if for_good:  # the cost verdict: no acceptance could make it pay
             self.next_probe = None
             why += "; no probes"
-        elif (best := max(gain(self.probe_ceiling, n, st.cost)
-                          for n in range(1, self.draft_max + 1))) < 1.1 and not self._unconfirmed:
-            # even a good stretch would hardly pay: probing would only cost
+        elif hopeless and not self._unconfirmed:
             self.next_probe = None
             why += f"; no probes: {self.probe_ceiling:.0%} acceptance would give {best:.2f}x plain"
         else:
             self.next_probe = self.produced + self.probe_gap
             why += f"; next probe at token {self.next_probe}"
-            if best < 1.1:  # a probe measures the cost again
+            if hopeless:  # on the clock's first figure: the probe measures it again
                 why += f" (at {st.cost:.2f} plain steps a drafted token even " \
                        f"{self.probe_ceiling:.0%} acceptance would give {best:.2f}x plain: a probe " \
                        "measures that figure again before it stops for good)"
