@@ -147,10 +147,11 @@ def _idle_run(model, ctx, reqs, *, keep_idle=True):
     return sched, seqs
 
 
-def test_idle_slot_keeps_its_prefix_for_the_next_request(smollm2_f16):
-    """With keep_idle (the server) a finished sequence's cells stay in its slot: the next prompt
-    that starts the same way computes only its new tail, goes to that slot, and its greedy text
-    equals a computation from scratch; a chat's next turn reuses the whole previous turn."""
+def test_the_prompt_cache_gives_the_next_request_its_prefix(smollm2_f16):
+    """With keep_idle (the server) a finished sequence's KV goes to the prompt cache, in host
+    memory: the next prompt that starts the same way computes only its new tail, and its greedy
+    text equals a computation from scratch; a chat's next turn reuses the whole previous turn
+    and takes its entry's place; the pool itself holds nothing once every sequence has ended."""
     model, ctx = _engine(smollm2_f16, 2)
     system = "You are a careful assistant who answers in one short sentence. " * 3
     first = _greedy(model, system + "What is the capital of Italy?", 12)
@@ -167,27 +168,39 @@ def test_idle_slot_keeps_its_prefix_for_the_next_request(smollm2_f16):
     c = sched.submit(engine.Request(turn, engine.Sampling(temperature=0), 8, (), True))
     sched.run()
     assert c.cached_tokens >= len(b.tokens) - 1
-    # nothing leaks: the idle caches are what the slots hold, and dropping them empties the cache
-    held = {slot: model.L.llama_memory_seq_pos_max(ctx.mem, slot) + 1 for slot in range(2)}
-    assert sorted(held.values()) == sorted([0] * (2 - len(sched.idle))
-                                           + [len(t) for t in sched.idle.values()])
-    sched.drop_idle()
+    # one entry per conversation: the first one's, and the second one's latest turn
+    assert sorted(len(e.tokens) for e in sched.idle.values()) == sorted([a.n_computed, c.n_computed])
+    assert sched.kv_cached == a.n_computed + c.n_computed and sched.idle_bytes > 0
+    # the pool holds nothing: cached KV costs the sequences that run no attention span
     assert all(model.L.llama_memory_seq_pos_max(ctx.mem, s) == -1 for s in range(2))
+    sched.drop_idle()
+    assert sched.kv_cached == 0 and not sched.idle
 
 
-def test_idle_caches_give_way_when_the_cache_is_full(smollm2_gguf):
-    """Idle caches never cost a running sequence its cells: with a cache too small for them and
-    the next batch, they are dropped and every sequence still gets all its tokens."""
+def test_the_prompt_cache_never_costs_a_running_sequence_its_cells(smollm2_gguf):
+    """The prompt cache lives outside the pool: with a pool just large enough for the next
+    batch, every sequence gets all its tokens, the cached prefixes are restored, the cache holds
+    no more tokens than the context, and no more bytes than its cap (entries beyond it go,
+    least recently used first)."""
     model, ctx = _engine(smollm2_gguf, 4, n_ctx=256)
     sched = Scheduler(model, ctx, keep_idle=True)
+    lead = "Read the question below, think it over, and answer it in a few plain words: "
     for p in PROMPTS[:4]:
-        sched.submit(_greedy(model, p, 30))
+        sched.submit(_greedy(model, lead + p, 30))
     sched.run()
-    assert sched.kv_cached > 0
-    seqs = [sched.submit(_greedy(model, p + " and more", 45)) for p in PROMPTS[2:6]]
+    assert 0 < sched.kv_cached <= 256
+    seqs = [sched.submit(_greedy(model, lead + p + " and more", 45)) for p in PROMPTS[2:6]]
     sched.run()
     assert all(s.n_generated == 45 for s in seqs), [(s.n_generated, s.finish_reason) for s in seqs]
-    assert sched.kv_cached + sched.kv_used <= 256
+    assert all(s.cached_tokens >= 16 for s in seqs)
+    assert sched.kv_cached <= 256
+    assert all(model.L.llama_memory_seq_pos_max(ctx.mem, s) == -1 for s in range(4))
+    before = len(sched.idle)
+    sched.idle_bytes_cap = max(e.size for e in sched.idle.values()) * 3 // 2
+    last = sched.submit(_greedy(model, lead + PROMPTS[0] + " once more", 5))
+    sched.run()
+    assert sched.idle_bytes <= sched.idle_bytes_cap and len(sched.idle) < before
+    assert list(sched.idle.values())[-1].tokens == last.tokens[:last.n_computed]
 
 
 def test_idle_prefix_on_a_sliding_window_model(gemma3_gguf):
@@ -199,11 +212,13 @@ def test_idle_prefix_on_a_sliding_window_model(gemma3_gguf):
     reqs = [_greedy(model, pre + q, 10) for pre in (short, long)
             for q in ("What is two plus two?", "Name a colour.")]
     _, fresh = _idle_run(model, ctx, reqs, keep_idle=False)  # first: it frees its cells
-    _, kept = _idle_run(model, ctx, reqs)
+    sched, kept = _idle_run(model, ctx, reqs)
     # (other sequences' idle cells change where a sequence's cells sit in the unified cache,
     # and so the order of the attention sums: a near-tie can go the other way, as in a batch)
     assert sum(k.text == f.text for k, f in zip(kept, fresh)) >= 3
     assert kept[1].cached_tokens > 0 and kept[3].cached_tokens > model.n_swa
+    # llama.cpp saves only the window of such a sequence: its cache stays in the pool
+    assert sched.in_pool and all(e.state is None for e in sched.idle.values())
 
 
 def test_bad_lines_are_named():

@@ -15,11 +15,20 @@ sequence ids sharing one unified KV pool). Each ``step``:
    chain; a finished or cancelled sequence frees its cells at once and its slot is free for
    the next step.
 
-With ``keep_idle`` (the server) a finished sequence's cells stay in its slot as a cache, as
-llama-server's slots keep theirs: the next request goes to the free slot whose cached tokens
-share the longest prefix with its prompt (a system prompt, the earlier turns of a chat) and
-computes only the rest. Those cells are reclaimed the moment anything else needs them: the
-least recently used idle cache is dropped whenever llama.cpp finds no room for a batch.
+With ``keep_idle`` (the server) a finished sequence's KV is kept as a prompt cache, as
+llama-server keeps its slots': the next request whose prompt shares a prefix with a cached one
+(a system prompt, the earlier turns of a chat) gets that KV back and computes only the rest.
+The cache lives in host memory, copied out of the pool when the sequence ends
+(``llama_state_seq_get_data``) and into a free slot when a prompt reuses it: in llama.cpp's
+unified pool every decoded token attends over the span of all cells in use, so cells left in
+the pool would slow every step of the sequences that run (SmolLM2-135M decoding alone beside
+4,500 idle cells: 8% slower). It holds at most as many tokens as the context and a quarter of
+the memory free when it was made; the least recently used entry goes first.
+
+A sliding-window model (Gemma 2 and 3, gpt-oss) is the exception: llama.cpp saves only the
+window of such a sequence, so a prefix shorter than the whole entry could not be restored. Its
+cache stays in the pool, in the slot where the sequence ran, until a batch needs the cells (the
+least recently used goes first); only its few full-attention layers pay for the span.
 
 Not thread-safe: one thread calls ``submit``, ``cancel`` and ``step`` (the server runs this loop
 in its own thread and hands requests over through a queue).
@@ -27,6 +36,8 @@ in its own thread and hands requests over through a queue).
 
 from __future__ import annotations
 
+import ctypes
+import itertools
 import time
 from collections import deque
 from dataclasses import dataclass
@@ -39,6 +50,17 @@ from infer_cli.engine.sequence import Request, Sequence, Status, token_logprobs
 from infer_cli.errors import ModelLoadFailed
 
 MIN_SHARED_PREFIX = 16  # shorter common prefixes are cheaper to compute than to wait for
+                        # (or to restore from the prompt cache)
+
+
+@dataclass
+class Saved:
+    """A finished sequence's KV in the prompt cache: the tokens it holds and, out of the pool,
+    llama.cpp's bytes (none while it is still in its slot)."""
+
+    tokens: list[int]
+    state: Any = None  # a ctypes byte array
+    size: int = 0
 
 
 @dataclass
@@ -62,11 +84,15 @@ class Scheduler:
         self.n_ctx, self.n_batch = context.n_ctx, context.n_batch
         self.share_prefixes = share_prefixes
         self.keep_idle = keep_idle and share_prefixes
-        # free slot -> the tokens its cells still hold; insertion order is least recent first
-        self.idle: dict[int, list[int]] = {}
         # A sliding-window cache forgets old positions: a prefix can only be copied from a
         # donor whose cache ends exactly where the prefix does.
         self.exact_share = model.n_swa > 0
+        # the prompt cache (see the module's docstring), least recently used first: by slot
+        # while it stays in the pool, else by number
+        self.idle: dict[int, Saved] = {}
+        self.in_pool = self.exact_share
+        self._keys = itertools.count()
+        self.idle_bytes_cap = _idle_bytes_cap()
         self.free_slots = list(range(context.n_seq - 1, -1, -1))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
@@ -95,7 +121,8 @@ class Scheduler:
         if slot not in self.free_slots:
             raise ValueError(f"slot {slot} is in use")
         self.free_slots.remove(slot)
-        self.idle.pop(slot, None)
+        if self.in_pool:
+            self.idle.pop(slot, None)
         seq.slot, seq.n_computed, seq.keep_cache = slot, n_cached, True
         seq.status = Status.RUNNING
         seq.timings.started = seq.timings.submitted
@@ -122,11 +149,16 @@ class Scheduler:
 
     @property
     def kv_cached(self) -> int:
-        """Cells idle slots hold as a prompt cache (given back as soon as they are needed)."""
-        return sum(len(t) for t in self.idle.values())
+        """Tokens whose KV the prompt cache holds."""
+        return sum(len(e.tokens) for e in self.idle.values())
+
+    @property
+    def idle_bytes(self) -> int:
+        """Host memory the prompt cache holds."""
+        return sum(e.size for e in self.idle.values())
 
     def drop_idle(self) -> None:
-        """Forget every idle slot's cache."""
+        """Empty the prompt cache."""
         while self.idle:
             self._drop_oldest_idle()
 
@@ -145,8 +177,8 @@ class Scheduler:
         if rows:
             td = time.perf_counter()
             rc = self.L.llama_decode(self.ctx.ptr, self._batch)
-            while rc == 1:  # no KV cells left for this batch: idle caches go first
-                if self.idle:
+            while rc == 1:  # no KV cells left for this batch: idle caches in the pool go first
+                if self.in_pool and self.idle:
                     self._drop_oldest_idle()
                 else:
                     rows = self._shrink(rows)
@@ -183,28 +215,55 @@ class Scheduler:
                 self._find_donor(seq)
 
     def _pick_slot(self, seq: Sequence) -> int:
-        """A free slot for ``seq``, reusing an idle slot's cached prefix where one matches.
+        """A free slot for ``seq``, holding the KV of the longest prefix of its prompt that the
+        prompt cache has (restored into it, cut where the prompt goes another way). The cache
+        keeps its copy for whoever comes next (the owner of another conversation that shares a
+        system prompt); a chat's next turn, which holds all of it, replaces it when it ends."""
+        if self.in_pool:
+            return self._pick_pool_slot(seq)
+        slot = self.free_slots.pop()
+        if not self.idle or not seq.req.reuse_prefix:
+            return slot
+        limit = len(seq.tokens) - 1  # the last token is computed for its logits
+        best, best_n = None, 0
+        for key, saved in self.idle.items():
+            n = common_prefix(seq.tokens[:limit], saved.tokens)
+            if n > best_n:
+                best, best_n = key, n
+        if best is None or best_n < MIN_SHARED_PREFIX:
+            return slot
+        saved = self.idle.pop(best)
+        self.idle[best] = saved  # the most recently used now
+        mem = self.ctx.mem
+        if self.L.llama_state_seq_set_data(self.ctx.ptr, saved.state, saved.size, slot) == saved.size \
+                and self._usable(slot, best_n) \
+                and (best_n == len(saved.tokens) or self.L.llama_memory_seq_rm(mem, slot, best_n, -1)):
+            self._reused(seq, best_n)
+        else:  # no room for it in the pool, or a sliding window that cannot be cut there
+            self.L.llama_memory_seq_rm(mem, slot, -1, -1)
+        return slot
 
-        The slot whose cache shares most with the prompt is taken over (its cells past the
-        common prefix dropped) when most of what it holds is that prefix (a chat's next turn).
-        Otherwise its history (another conversation's) is left to its owner: ``seq`` gets an
-        empty slot, else the least recently used other one, and the prefix is copied there,
-        which in a unified cache shares the cells rather than copying them.
-        """
+    def _pick_pool_slot(self, seq: Sequence) -> int:
+        """``_pick_slot`` where the cache stays in the pool: the slot whose cache shares most
+        with the prompt is taken over (its cells past the common prefix dropped) when most of
+        what it holds is that prefix (a chat's next turn). Otherwise its history (another
+        conversation's) is left to its owner: ``seq`` gets an empty slot, else the least
+        recently used other one, and the prefix is copied there, which in a unified cache shares
+        the cells rather than copying them."""
         if not self.idle:
             return self.free_slots.pop()
         best, best_n = -1, 0
         if seq.req.reuse_prefix:
             limit = len(seq.tokens) - 1  # the last token is computed for its logits
-            for slot, cached in self.idle.items():
-                n = common_prefix(seq.tokens[:limit], cached)
+            for slot, saved in self.idle.items():
+                n = common_prefix(seq.tokens[:limit], saved.tokens)
                 if n > best_n:
                     best, best_n = slot, n
         others = [s for s in self.free_slots if s not in self.idle] \
             or [s for s in reversed(self.idle) if s != best]  # least recently used last
-        if best >= 0 and (not others or 2 * best_n >= len(self.idle[best])):
+        if best >= 0 and (not others or 2 * best_n >= len(self.idle[best].tokens)):
             self.free_slots.remove(best)
-            cached = self.idle.pop(best)
+            cached = self.idle.pop(best).tokens
             if self._usable(best, best_n) and (
                     best_n == len(cached)
                     or self.L.llama_memory_seq_rm(self.ctx.mem, best, best_n, -1)):
@@ -234,9 +293,27 @@ class Scheduler:
         self.stats.shared_tokens += n
 
     def _drop_oldest_idle(self) -> None:
-        slot = next(iter(self.idle))
-        del self.idle[slot]
-        self.L.llama_memory_seq_rm(self.ctx.mem, slot, -1, -1)
+        key = next(iter(self.idle))
+        del self.idle[key]
+        if self.in_pool:
+            self.L.llama_memory_seq_rm(self.ctx.mem, key, -1, -1)
+
+    def _save(self, slot: int, tokens: list[int]) -> None:
+        """Copy ``slot``'s KV (``tokens``) into the prompt cache, in place of any entry it holds
+        whole (the same chat a turn ago); past the caps, the least recently used entries go."""
+        for key, saved in list(self.idle.items()):
+            if common_prefix(tokens, saved.tokens) == len(saved.tokens):
+                del self.idle[key]
+        size = self.L.llama_state_seq_get_size(self.ctx.ptr, slot)
+        if not 0 < size <= self.idle_bytes_cap or len(tokens) > self.n_ctx:
+            return
+        state = (ctypes.c_uint8 * size)()
+        got = self.L.llama_state_seq_get_data(self.ctx.ptr, state, size, slot)
+        if got <= 0:
+            return
+        self.idle[next(self._keys)] = Saved(tokens, state, got)
+        while self.kv_cached > self.n_ctx or self.idle_bytes > self.idle_bytes_cap:
+            self._drop_oldest_idle()
 
     def _find_donor(self, seq: Sequence) -> None:
         best, best_len = None, 0
@@ -366,11 +443,15 @@ class Scheduler:
     def _free(self, seq: Sequence) -> None:
         if seq in self.running:
             self.running.remove(seq)
-            if self.keep_idle and not seq.keep_cache and seq.n_computed > 0 \
-                    and seq.finish_reason != "error":
-                self.idle[seq.slot] = seq.tokens[:seq.n_computed]
-            elif not seq.keep_cache:
-                self.L.llama_memory_seq_rm(self.ctx.mem, seq.slot, -1, -1)
+            keep = self.keep_idle and not seq.keep_cache and seq.n_computed > 0 \
+                and seq.finish_reason != "error"
+            if keep and self.in_pool:
+                self.idle[seq.slot] = Saved(seq.tokens[:seq.n_computed])
+            else:
+                if keep:
+                    self._save(seq.slot, seq.tokens[:seq.n_computed])
+                if not seq.keep_cache:
+                    self.L.llama_memory_seq_rm(self.ctx.mem, seq.slot, -1, -1)
             self.free_slots.append(seq.slot)
             for other in self.running:  # nobody waits on a prefix that will not come
                 if other.wait_for is not None and other.wait_for[0] is seq:
@@ -388,3 +469,10 @@ class Scheduler:
             self.close()
         except KeyboardInterrupt:
             pass
+
+
+def _idle_bytes_cap() -> int:
+    """The prompt cache's bound in bytes: a quarter of the memory free now."""
+    import psutil
+
+    return psutil.virtual_memory().available // 4

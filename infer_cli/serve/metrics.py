@@ -19,8 +19,8 @@ class Metrics:
         self.prompt_tokens = Counter("infer_prompt_tokens", "Prompt tokens of finished sequences "
                                      "(computed or copied from a shared prefix).", registry=r)
         self.cached_tokens = Counter("infer_prompt_cached_tokens", "Prompt tokens whose KV was "
-                                     "reused (copied from another sequence, or still in an idle "
-                                     "slot) instead of computed.", registry=r)
+                                     "reused (copied from another sequence, or restored from the "
+                                     "prompt cache) instead of computed.", registry=r)
         self.generated_tokens = Counter("infer_generated_tokens", "Tokens generated.", registry=r)
         self.sequences = Counter("infer_sequences", "Sequences finished, by finish reason.",
                                  ["finish_reason"], registry=r)
@@ -33,7 +33,8 @@ class Metrics:
             lambda: self._snap("waiting"))
         g("infer_kv_cells_used", "KV cells in use (a shared prefix counted once per sequence: an "
           "upper bound).").set_function(lambda: self._snap("kv_used"))
-        g("infer_kv_cells_cached", "KV cells idle slots keep as a prompt cache (freed when "
+        g("infer_kv_cells_cached", "Tokens whose KV the prompt cache keeps for the next requests "
+          "(in host memory; for a sliding-window model, in idle slots until the cells are "
           "needed).").set_function(lambda: self._snap("kv_cached"))
         g("infer_kv_cells_total", "KV cells in the context.").set_function(lambda: self._n_ctx)
         g("infer_prefill_tokens_per_second", "Prompt tokens computed per second, last second."
