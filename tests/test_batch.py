@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import json
 import os
 import signal
@@ -201,6 +202,12 @@ def test_the_prompt_cache_never_costs_a_running_sequence_its_cells(smollm2_gguf)
     sched.run()
     assert sched.idle_bytes <= sched.idle_bytes_cap and len(sched.idle) < before
     assert list(sched.idle.values())[-1].tokens == last.tokens[:last.n_computed]
+    # an entry llama.cpp cannot restore (no room, or bytes it refuses): computed in full
+    entry = list(sched.idle.values())[-1]
+    entry.state, entry.size = (ctypes.c_uint8 * 64)(), 64
+    again = sched.submit(_greedy(model, lead + PROMPTS[0] + " once more", 5))
+    sched.run()
+    assert again.cached_tokens == 0 and again.text == last.text
 
 
 def test_idle_prefix_on_a_sliding_window_model(gemma3_gguf):

@@ -236,10 +236,9 @@ class Scheduler:
         self.idle[best] = saved  # the most recently used now
         mem = self.ctx.mem
         if self.L.llama_state_seq_set_data(self.ctx.ptr, saved.state, saved.size, slot) == saved.size \
-                and self._usable(slot, best_n) \
                 and (best_n == len(saved.tokens) or self.L.llama_memory_seq_rm(mem, slot, best_n, -1)):
             self._reused(seq, best_n)
-        else:  # no room for it in the pool, or a sliding window that cannot be cut there
+        else:  # no room for it in the pool: computed in full
             self.L.llama_memory_seq_rm(mem, slot, -1, -1)
         return slot
 
