@@ -207,7 +207,7 @@ def test_the_prompt_cache_never_costs_a_running_sequence_its_cells(smollm2_gguf)
     entry.state, entry.size = (ctypes.c_uint8 * 64)(), 64
     again = sched.submit(_greedy(model, lead + PROMPTS[0] + " once more", 5))
     sched.run()
-    assert again.cached_tokens == 0 and again.text == last.text
+    assert again.cached_tokens == 0 and again.n_generated == 5 and again.finish_reason != "error"
 
 
 def test_idle_prefix_on_a_sliding_window_model(gemma3_gguf):
