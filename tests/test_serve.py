@@ -331,6 +331,10 @@ def test_bad_inputs_get_error_objects(server):
 def test_metrics_and_page(server):
     assert _metric(server, "infer_kv_cells_total") == 2048
     assert _metric(server, "infer_generated_tokens_total") > 0
+    # earlier tests' answers sit in the prompt cache, in host memory, and the pool holds none
+    assert 0 < _metric(server, "infer_kv_cells_cached") <= 2048
+    assert _metric(server, "infer_prompt_cache_bytes") > 0
+    assert _metric(server, "infer_kv_cells_used") == 0
     page = httpx.get(server.base + "/")
     assert page.status_code == 200 and "text/html" in page.headers["content-type"]
     assert "/v1/chat/completions" in page.text and "AbortController" in page.text

@@ -300,7 +300,7 @@ class RemoteStats:
     """The child scheduler's counters (``scheduler.StepStats``' names) and its queue lengths."""
 
     steps = decoded_tokens = prompt_tokens = shared_tokens = preempted = 0
-    running = waiting = kv_used = kv_cached = 0
+    running = waiting = kv_used = kv_cached = cache_bytes = 0
 
 
 class _VocabModel(Model):
@@ -558,7 +558,8 @@ def _batch_child(proto_in, proto_out, resolved, opts, share_prefixes, keep_idle)
                                     "prompt_tokens": st.prompt_tokens,
                                     "shared_tokens": st.shared_tokens, "preempted": st.preempted,
                                     "running": len(sched.running), "waiting": len(sched.waiting),
-                                    "kv_used": sched.kv_used, "kv_cached": sched.kv_cached}))
+                                    "kv_used": sched.kv_used, "kv_cached": sched.kv_cached,
+                                    "cache_bytes": sched.idle_bytes}))
 
     sent = 0.0
     while True:

@@ -46,6 +46,7 @@ class Snapshot:
     waiting: int = 0
     kv_used: int = 0
     kv_cached: int = 0
+    cache_bytes: int = 0  # host memory the prompt cache holds
     prefill_tps: float = 0.0
     decode_tps: float = 0.0
 
@@ -247,7 +248,7 @@ class ServeEngine:
         s = self.sched
         snap = self.snapshot
         snap.running, snap.waiting, snap.kv_used = len(s.running), len(s.waiting), s.kv_used
-        snap.kv_cached = s.kv_cached
+        snap.kv_cached, snap.cache_bytes = s.kv_cached, s.idle_bytes
         _rates(self, snap, s.stats)
 
 
@@ -445,7 +446,7 @@ class IsolatedServeEngine:
         st = self.batch.stats
         snap = self.snapshot
         snap.running, snap.waiting = st.running, st.waiting
-        snap.kv_used, snap.kv_cached = st.kv_used, st.kv_cached
+        snap.kv_used, snap.kv_cached, snap.cache_bytes = st.kv_used, st.kv_cached, st.cache_bytes
         _rates(self, snap, st)
 
 

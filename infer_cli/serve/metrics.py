@@ -36,6 +36,9 @@ class Metrics:
         g("infer_kv_cells_cached", "Tokens whose KV the prompt cache keeps for the next requests "
           "(in host memory; for a sliding-window model, in idle slots until the cells are "
           "needed).").set_function(lambda: self._snap("kv_cached"))
+        g("infer_prompt_cache_bytes", "Host memory the prompt cache holds (at most the context's "
+          "tokens and a quarter of the memory free at start).").set_function(
+            lambda: self._snap("cache_bytes"))
         g("infer_kv_cells_total", "KV cells in the context.").set_function(lambda: self._n_ctx)
         g("infer_prefill_tokens_per_second", "Prompt tokens computed per second, last second."
           ).set_function(lambda: self._snap("prefill_tps"))
