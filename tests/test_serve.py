@@ -306,6 +306,28 @@ def test_disconnect_cancels(server):
     assert "cancelled" in server.stderr()
 
 
+def _chunked_upload_answer(port: int, mib: int) -> bytes:
+    """What a client that uploads ``mib`` MiB chunked (no Content-Length: the server finds the
+    cap while reading), all at once, and only then reads, gets back. A server that answers 413
+    and closes while the upload still comes resets the connection: the client's upload fails,
+    and a client like urllib3 (requests) reports that instead of the answer."""
+    with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+        sock.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\n"
+                     b"Content-Type: application/json\r\nTransfer-Encoding: chunked\r\n\r\n")
+        piece = b"%x\r\n" % 2**20 + b"x" * 2**20 + b"\r\n"
+        try:
+            sock.sendall(piece * mib + b"0\r\n\r\n")
+        except OSError as e:  # as urllib3 (requests) does: an upload cut short is the error
+            return f"upload cut: {e}".encode()
+        answer = b""
+        try:
+            while chunk := sock.recv(65536):
+                answer += chunk
+        except OSError as e:
+            return f"no answer: {e}".encode()
+        return answer
+
+
 def test_bad_inputs_get_error_objects(server):
     url = server.base + "/v1/chat/completions"
     r = httpx.post(url, content=b"{not json", headers={"content-type": "application/json"})
@@ -322,6 +344,9 @@ def test_bad_inputs_get_error_objects(server):
     _error_object(httpx.get(server.base + "/v1/nothing"), 404)
     _error_object(httpx.post(url, content=b"x" * (9 * 1024 * 1024),
                              headers={"content-type": "application/json"}), 413)
+
+    for _ in range(3):
+        assert _chunked_upload_answer(server.port, 16).startswith(b"HTTP/1.1 413")
     long = {"prompt": "word " * 3000, "max_tokens": 4}
     assert _error_object(httpx.post(server.base + "/v1/completions", json=long, timeout=60),
                          400)["code"] == "context_length_exceeded"
