@@ -258,6 +258,40 @@ print(json.dumps(llama_log.since(mark)))
 """
 
 
+_CACHE = r"""
+import json, sys
+from infer_cli.engine.context import Context
+from infer_cli.engine.model import Model
+from infer_cli.engine.runner import settle
+from infer_cli.engine.sampling import Sampling
+from infer_cli.engine.scheduler import Scheduler
+from infer_cli.engine.sequence import Request
+from infer_cli.models.gguf_info import read_gguf
+from infer_cli.options import Options
+info = read_gguf(sys.argv[1])
+opts = settle(Options(n_ctx=1024, n_seq=2, rpc=tuple(sys.argv[2].split(",")), threads=1), info)
+model = Model(sys.argv[1], opts, info=info)
+sched = Scheduler(model, Context(model, opts), keep_idle=True)
+lead = "You are a careful assistant who answers every question in one short sentence. "
+seqs = []
+for q in ("What is the capital of Italy?", "Name a large mammal."):
+    seqs.append(sched.submit(Request(tuple(model.tokenize(lead + q)), Sampling(temperature=0), 8)))
+    sched.run()
+print(json.dumps({"in_pool": sched.in_pool, "cached": seqs[1].cached_tokens,
+                  "bytes": sched.idle_bytes}))
+"""
+
+
+def test_the_prompt_cache_stays_on_the_workers(workers, smollm2_gguf):
+    """Over RPC the server's prompt cache stays in the pool, on the workers: copying each
+    finished sequence's KV out to host memory would cross the network and back."""
+    p = subprocess.run([sys.executable, "-c", _CACHE, str(smollm2_gguf), ",".join(workers)],
+                       capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, p.stderr
+    got = json.loads(p.stdout.strip().splitlines()[-1])
+    assert got["in_pool"] and got["bytes"] == 0 and got["cached"] >= 10, got
+
+
 def test_planned_weights_and_kv_match_what_the_workers_allocate(workers, smollm2_gguf):
     import re
 

@@ -25,10 +25,11 @@ the pool would slow every step of the sequences that run (SmolLM2-135M decoding 
 4,500 idle cells: 8% slower). It holds at most as many tokens as the context and a quarter of
 the memory free when it was made; the least recently used entry goes first.
 
-A sliding-window model (Gemma 2 and 3, gpt-oss) is the exception: llama.cpp saves only the
-window of such a sequence, so a prefix shorter than the whole entry could not be restored. Its
-cache stays in the pool, in the slot where the sequence ran, until a batch needs the cells (the
-least recently used goes first); only its few full-attention layers pay for the span.
+Two exceptions keep the cache in the pool, in the slot where the sequence ran, until a batch
+needs the cells (the least recently used goes first): a sliding-window model (Gemma 2 and 3,
+gpt-oss), of whose sequences llama.cpp saves only the window, so that a prefix shorter than the
+whole entry could not be restored (only its few full-attention layers pay for the span); and a
+pool on RPC workers, whose KV would cross the network out and back for every request.
 
 Not thread-safe: one thread calls ``submit``, ``cancel`` and ``step`` (the server runs this loop
 in its own thread and hands requests over through a queue).
@@ -91,7 +92,7 @@ class Scheduler:
         # the prompt cache (see the module's docstring), least recently used first: by slot
         # while it stays in the pool, else by number
         self.idle: dict[int, Saved] = {}
-        self.in_pool = self.exact_share
+        self.in_pool = self.exact_share or getattr(model, "rpc", None) is not None
         self._keys = itertools.count()
         self.idle_bytes_cap = _idle_bytes_cap()
         self.free_slots = list(range(context.n_seq - 1, -1, -1))
