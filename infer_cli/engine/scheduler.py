@@ -92,9 +92,9 @@ class Scheduler:
         # the prompt cache (see the module's docstring), least recently used first: by slot
         # while it stays in the pool, else by number
         self.idle: dict[int, Saved] = {}
-        self.in_pool = self.exact_share or getattr(model, "rpc", None) is not None
+        self.in_pool = self.exact_share or model.rpc is not None
         self._keys = itertools.count()
-        self.idle_bytes_cap = _idle_bytes_cap()
+        self.idle_bytes_cap = _idle_bytes_cap() if self.keep_idle else 0  # not for run or batch
         self.free_slots = list(range(context.n_seq - 1, -1, -1))
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
