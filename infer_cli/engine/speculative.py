@@ -167,7 +167,8 @@ class Speculator:
     draft_min: int = 1
     stats: SpecStats = field(default=None)  # type: ignore[assignment]
     reproducible: bool = False  # seeded sampling: the cost comes from model sizes, not the clock
-    plain_first: int = 3        # plain steps first: the baseline the cost is measured against
+    plain_first: int = 0        # plain steps before the first round (each one leaves a draft model
+                                # a token further behind, caught up in that round's batch)
     calibrate_rounds: int = 3   # rounds after the first whose cost, in plain steps, is the
                                 # figure used until a probe measures it again (their median);
                                 # each is followed by a plain step, and measured against the
