@@ -163,6 +163,43 @@ def test_serve_survives_a_worker_that_vanishes_mid_stream(smollm2_gguf, tmp_path
     assert text.count("engine lost:") == 1 and text.count("engine back:") == 1, text
 
 
+def test_serve_notices_a_worker_that_vanishes_while_idle(smollm2_gguf, tmp_path):
+    # Nothing runs when the worker dies: /health says so within seconds and requests are refused
+    # before they are accepted, rather than the next one failing on its way.
+    port = _free_port()
+    endpoint = f"127.0.0.1:{port}"
+    worker = _start_worker(port)
+    serve_port = _free_port()
+    base = f"http://127.0.0.1:{serve_port}"
+    log = tmp_path / "serve.log"
+    server = subprocess.Popen([sys.executable, "-m", "infer_cli", "serve", str(smollm2_gguf),
+                               "--port", str(serve_port), "--ctx", "2048", "--threads", "1",
+                               "--parallel", "2", "--rpc", endpoint],
+                              stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=_env(tmp_path),
+                              stdin=subprocess.DEVNULL)
+    try:
+        _wait_health(base, 200, server, log, 180)
+        assert _chat(base).status_code == 200
+        time.sleep(2.5)  # idle: the server has seen its connection to the worker
+        assert httpx.get(base + "/health", timeout=5).status_code == 200  # not a false alarm
+        _kill(worker)
+        h = _wait_health(base, 503, server, log, 10)
+        assert h.json()["status"] == "reconnecting"
+        assert endpoint in h.json()["error"] and "idle" in h.json()["error"]
+        r = _chat(base)
+        assert r.status_code == 503 and r.json()["error"]["code"] == "worker_lost"
+
+        worker = _start_worker(port)
+        _wait_health(base, 200, server, log, 120)
+        assert _chat(base).status_code == 200
+    finally:
+        _stop(server)
+        _stop(worker)
+    text = log.read_text()
+    assert "Traceback" not in text and "GGML_ABORT" not in text, text
+    assert text.count("engine lost:") == 1 and text.count("engine back:") == 1, text
+
+
 def test_batch_stops_with_the_one_line_error_and_keeps_finished_lines(smollm2_gguf, tmp_path):
     port = _free_port()
     endpoint = f"127.0.0.1:{port}"

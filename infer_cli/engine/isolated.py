@@ -161,6 +161,10 @@ class _Child:
         except OSError:
             pass
 
+    def kill(self) -> None:
+        """Stop the child at once (its pipe then reads as lost)."""
+        self._kill()
+
     def _kill(self) -> None:
         if self.proc.poll() is None:
             self._signal(signal.SIGKILL)

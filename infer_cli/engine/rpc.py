@@ -223,6 +223,43 @@ def alive(endpoint: Endpoint | str, timeout: float = 1.0) -> bool:
         return False
 
 
+def addresses(endpoints) -> dict[str, tuple[frozenset, int]]:
+    """Each endpoint's name -> (the IP addresses its host resolves to, its port), resolved once
+    for ``connected`` (which runs every second and should not ask a name server each time)."""
+    out = {}
+    for ep in parse_endpoints(endpoints):
+        try:
+            ips = frozenset(ai[4][0] for ai in socket.getaddrinfo(ep.host, ep.port,
+                                                                   proto=socket.IPPROTO_TCP))
+        except OSError:
+            ips = frozenset()
+        out[str(ep)] = (ips, ep.port)
+    return out
+
+
+def connected(pid: int, targets: dict[str, tuple[frozenset, int]]) -> set[str] | None:
+    """The endpoints (of ``addresses``) to which process ``pid`` holds an established TCP
+    connection, as the kernel sees it; None when the system will not say (no such process, no
+    permission). A worker that exits or is killed closes its end: the client's socket leaves
+    ESTABLISHED at once (CLOSE_WAIT after its FIN, gone after a reset), long before the client
+    writes to it again."""
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        conns = (getattr(proc, "net_connections", None) or proc.connections)(kind="tcp")
+    except (psutil.Error, OSError):
+        return None
+    held = set()
+    for c in conns:
+        if c.status != psutil.CONN_ESTABLISHED or not c.raddr:
+            continue
+        for name, (ips, port) in targets.items():
+            if c.raddr.port == port and c.raddr.ip in ips:
+                held.add(name)
+    return held
+
+
 # ----------------------------------------------------------------------------------------------
 # The native library
 

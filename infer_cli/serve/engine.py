@@ -23,6 +23,7 @@ import time
 from dataclasses import dataclass
 from typing import Any
 
+from infer_cli.errors import WorkerLost
 
 # Streamed text is handed to a client at most every this many seconds (0: every token): a lone
 # fast stream gets a few tokens a chunk instead of waking the event loop on every token.
@@ -287,10 +288,14 @@ class IsolatedServeEngine:
     every one answers, a new child loads the model; then "ok" again. Only with --rpc: the pipe
     costs a hop per token.
 
-    A worker that dies while nothing runs is noticed by the next request (which gets the error):
-    a connection to a worker that serves this server would wait in its one-deep accept queue."""
+    A worker that dies while nothing runs is noticed within ``WATCH_S``: the child's connection
+    to it leaves ESTABLISHED (the kernel's view, through psutil; no packet is sent, as a
+    connection of our own would only wait in the worker's one-deep accept queue). The child is
+    then stopped, which starts the same reconnection, so that /health says so and new requests
+    are refused at once, instead of the next one failing after it was accepted."""
 
     MAX_BACKOFF_S = 4.0
+    WATCH_S = 1.0
 
     def __init__(self, batch, *, queue_limit: int, metrics=None, on_state=None, log=None):
         self.batch = batch
@@ -310,11 +315,14 @@ class IsolatedServeEngine:
         self._timer: threading.Timer | None = None
         self._rate_mark = (time.perf_counter(), 0, 0)
         self.thread = threading.Thread(target=self._loop, name="infer-engine", daemon=True)
+        self.watcher = threading.Thread(target=self._watch, name="infer-rpc-watch", daemon=True)
+        self._closed_by: str | None = None  # the worker whose closed connection stopped the child
 
     # the HTTP side ----------------------------------------------------------------------------
 
     def start(self) -> None:
         self.thread.start()
+        self.watcher.start()
 
     def submit(self, reqs: list, sink, loop) -> list[Handle]:
         from infer_cli.engine.isolated import RemoteSequence
@@ -377,6 +385,9 @@ class IsolatedServeEngine:
             except Exception as e:  # noqa: BLE001 - the child is gone (WorkerLost, a torn message)
                 if self._exit:
                     return
+                closed, self._closed_by = self._closed_by, None
+                if closed:  # stopped by _watch: not the child's own end
+                    e = WorkerLost(closed, "while the server was idle")
                 self._fail_all(str(e) or type(e).__name__)
                 if not self._reconnect():
                     return
@@ -401,6 +412,27 @@ class IsolatedServeEngine:
         if self.metrics is not None:
             self.metrics.finished(res)
         _push(h, (h.index, None, res, h.seq.new_logprobs()))
+
+    def _watch(self) -> None:
+        """Stop the child when, with nothing in flight, its connection to a worker is gone."""
+        from infer_cli.engine import rpc
+
+        watched = None  # (the child, the endpoints it was connected to once loaded)
+        targets = rpc.addresses(self.batch.endpoints)
+        while not self._wake.wait(self.WATCH_S) and not self._exit:
+            batch = self.batch
+            if self.lost is not None or self._handles or self._stopping:
+                continue
+            held = rpc.connected(batch.proc.pid, targets)
+            if held is None:
+                continue
+            if watched is None or watched[0] is not batch:
+                watched = (batch, held)  # a worker given no layers may hold no connection
+                continue
+            gone = sorted(watched[1] - held)
+            if gone and not self._handles and batch.proc.poll() is None:
+                self._closed_by = gone[0]
+                batch.kill()
 
     def _fail_all(self, reason: str) -> None:
         """The child died: every request in flight ends with the reason; refuse new ones."""
