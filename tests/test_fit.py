@@ -247,6 +247,27 @@ def test_cli_fit_suggestions_when_it_does_not_fit(infer, smollm2_gguf):
     assert "does not fit" in r.stdout and ("To make it fit:" in r.stdout or "None of these" in r.stdout)
 
 
+def test_the_servers_prompt_cache_is_planned_beside_the_kv(infer, smollm2_gguf, gemma3_gguf):
+    # infer serve keeps finished prompts' KV in RAM: up to the KV cache's size, at most a quarter
+    # of the memory; none for one sequence, nor for a sliding-window model (kept in the pool)
+    m = fit.facts(read_gguf(smollm2_gguf))
+    p = fit.plan(m, CPU, fit.Options(n_ctx=8192, n_seq=4))
+    assert fit.serve_prompt_cache(m, p) == p.cpu.kv > 0
+    small = fit.Hardware("small", ram=p.cpu.kv * 2)
+    assert fit.serve_prompt_cache(m, fit.plan(m, small, fit.Options(n_ctx=8192, n_seq=4))) == p.cpu.kv // 2
+    assert fit.serve_prompt_cache(m, fit.plan(m, CPU, fit.Options(n_ctx=8192))) == 0
+    g = fit.facts(read_gguf(gemma3_gguf))
+    assert fit.serve_prompt_cache(g, fit.plan(g, CPU, fit.Options(n_ctx=8192, n_seq=4))) == 0
+
+    doc = json.loads(infer("fit", str(smollm2_gguf), "--parallel", "4", "--ctx", "8192", "--ram",
+                           "64G", "--json").stdout)
+    assert doc["serve_prompt_cache"] == doc["plan"]["devices"]["cpu"]["kv"]
+    assert any("infer serve" in n for n in doc["plan"]["notes"])
+    r = infer("fit", str(smollm2_gguf), "--ctx", "8192", "--ram", "64G")
+    assert "infer serve" not in r.stdout + r.stderr
+    assert "infer serve" in infer("fit", str(smollm2_gguf), "--parallel", "4").stderr
+
+
 def test_options_rejected():
     with pytest.raises(BadOption):
         fit.Options(cache_type_v="q8_0", flash_attn="off").check()

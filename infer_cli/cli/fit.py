@@ -98,6 +98,11 @@ def fit_command(
     draft_info = read_header(store.resolve(draft, download=False)) if draft else None
     m = fit.facts(info)
     p = fit.plan(m, hw, opts, draft=draft_info)
+    cache = fit.serve_prompt_cache(m, p)
+    if cache:
+        p.notes.append(f"with --parallel {parallel}, `infer serve` also keeps finished prompts' KV "
+                       f"in RAM for reuse: up to {human_bytes(cache)} beyond this plan (as many "
+                       "tokens as the context, at most a quarter of the memory free when it starts)")
     largest = {kv: fit.largest_context(m, hw, fit.replace(opts, cache_type_k=kv, cache_type_v=kv,
                                                           flash_attn="on" if kv != "f16" else opts.flash_attn),
                                        draft=draft_info) for kv in KV_CHOICES}
@@ -106,6 +111,7 @@ def fit_command(
     checks = fit.check(str(resolved.path), [opts]) if check else []
     if json_mode:
         doc = {"model": resolved.name, "path": str(resolved.path), "plan": p.as_dict(),
+               "serve_prompt_cache": cache,
                "parameters": {"total": m.n_params, "active": m.n_active_params},
                "experts": _experts_doc(m), "largest_context": largest,
                "suggestions": [{"change": s.change, "verdict": s.plan.verdict_text, "fits": s.plan.fits,

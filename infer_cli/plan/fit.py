@@ -630,6 +630,16 @@ def plan(info_or_model, hardware: Hardware, options: Options = Options(), *,
     return p
 
 
+def serve_prompt_cache(m: Model, p: Plan) -> int:
+    """The most RAM `infer serve` may use beyond the plan to keep finished prompts' KV for reuse:
+    as many tokens as the context (the KV cache's size), at most a quarter of the memory free when
+    it starts (here the plan's RAM). Sliding-window models keep those cells in the KV cache itself
+    (llama.cpp saves only the window of such a sequence), as do RPC workers: nothing beyond."""
+    if p.options.n_seq <= 1 or any(m.swa_layers) or p.options.rpc:
+        return 0
+    return min(p.cpu.kv + p.gpu.kv, p.hardware.ram // 4)
+
+
 def layers_on_gpu(m: Model, gpu_layers: int) -> int:
     """llama.cpp's reading of n_gpu_layers: ALL_LAYERS (or more than there are) is every layer."""
     return m.n_layer + 1 if gpu_layers == ALL_LAYERS else max(0, min(gpu_layers, m.n_layer + 1))
