@@ -92,18 +92,29 @@ def _chat(base: str, max_tokens: int = 8, **extra):
     return httpx.post(base + "/v1/chat/completions", json=body, timeout=120)
 
 
-def test_serve_survives_a_worker_that_vanishes_mid_stream(smollm2_gguf, tmp_path):
+def _serve_over_a_worker(model, tmp_path):
+    """A worker on a free loopback port and `infer serve --rpc` over it (still loading)."""
     port = _free_port()
     endpoint = f"127.0.0.1:{port}"
     worker = _start_worker(port)
     serve_port = _free_port()
-    base = f"http://127.0.0.1:{serve_port}"
     log = tmp_path / "serve.log"
-    server = subprocess.Popen([sys.executable, "-m", "infer_cli", "serve", str(smollm2_gguf),
+    server = subprocess.Popen([sys.executable, "-m", "infer_cli", "serve", str(model),
                                "--port", str(serve_port), "--ctx", "2048", "--threads", "1",
                                "--parallel", "2", "--rpc", endpoint],
                               stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=_env(tmp_path),
                               stdin=subprocess.DEVNULL)
+    return port, endpoint, worker, server, f"http://127.0.0.1:{serve_port}", log
+
+
+def _assert_lost_and_back_once(log) -> None:
+    text = log.read_text()
+    assert "Traceback" not in text and "GGML_ABORT" not in text, text
+    assert text.count("engine lost:") == 1 and text.count("engine back:") == 1, text
+
+
+def test_serve_survives_a_worker_that_vanishes_mid_stream(smollm2_gguf, tmp_path):
+    port, endpoint, worker, server, base, log = _serve_over_a_worker(smollm2_gguf, tmp_path)
     try:
         _wait_health(base, 200, server, log, 180)
         r = _chat(base)
@@ -158,25 +169,13 @@ def test_serve_survives_a_worker_that_vanishes_mid_stream(smollm2_gguf, tmp_path
     finally:
         _stop(server)
         _stop(worker)
-    text = log.read_text()
-    assert "Traceback" not in text and "GGML_ABORT" not in text, text
-    assert text.count("engine lost:") == 1 and text.count("engine back:") == 1, text
+    _assert_lost_and_back_once(log)
 
 
 def test_serve_notices_a_worker_that_vanishes_while_idle(smollm2_gguf, tmp_path):
     # Nothing runs when the worker dies: /health says so within seconds and requests are refused
     # before they are accepted, rather than the next one failing on its way.
-    port = _free_port()
-    endpoint = f"127.0.0.1:{port}"
-    worker = _start_worker(port)
-    serve_port = _free_port()
-    base = f"http://127.0.0.1:{serve_port}"
-    log = tmp_path / "serve.log"
-    server = subprocess.Popen([sys.executable, "-m", "infer_cli", "serve", str(smollm2_gguf),
-                               "--port", str(serve_port), "--ctx", "2048", "--threads", "1",
-                               "--parallel", "2", "--rpc", endpoint],
-                              stdout=subprocess.DEVNULL, stderr=open(log, "w"), env=_env(tmp_path),
-                              stdin=subprocess.DEVNULL)
+    port, endpoint, worker, server, base, log = _serve_over_a_worker(smollm2_gguf, tmp_path)
     try:
         _wait_health(base, 200, server, log, 180)
         assert _chat(base).status_code == 200
@@ -195,9 +194,7 @@ def test_serve_notices_a_worker_that_vanishes_while_idle(smollm2_gguf, tmp_path)
     finally:
         _stop(server)
         _stop(worker)
-    text = log.read_text()
-    assert "Traceback" not in text and "GGML_ABORT" not in text, text
-    assert text.count("engine lost:") == 1 and text.count("engine back:") == 1, text
+    _assert_lost_and_back_once(log)
 
 
 def test_batch_stops_with_the_one_line_error_and_keeps_finished_lines(smollm2_gguf, tmp_path):
