@@ -17,6 +17,12 @@ ALL_LAYERS = -1
 DEFAULT_CTX = 4096
 
 
+def prompt_cache_bound(free_ram: int) -> int:
+    """The most bytes the server's prompt cache keeps in host memory: a quarter of the memory
+    free when it starts (the engine bounds it so; the planner reports it)."""
+    return free_ram // 4
+
+
 def default_context(trained: int | None, configured: int | None = None) -> int:
     """The context when none is asked for: models.toml's, else the training context capped at
     4096 (enough for chat, small enough for any machine)."""

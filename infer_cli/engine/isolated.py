@@ -161,10 +161,6 @@ class _Child:
         except OSError:
             pass
 
-    def kill(self) -> None:
-        """Stop the child at once (its pipe then reads as lost)."""
-        self._kill()
-
     def _kill(self) -> None:
         if self.proc.poll() is None:
             self._signal(signal.SIGKILL)
@@ -398,6 +394,10 @@ class IsolatedBatch(_Child):
         elif msg[0] == "error":
             raise _unpack_error(msg[1])
         return msg
+
+    def kill(self) -> None:
+        """Stop the child at once: ``next_event`` then raises ``WorkerLost``, which cleans up."""
+        self._kill()
 
     def end(self) -> None:
         """Stop the child (the vocabulary stays)."""

@@ -476,7 +476,9 @@ class Scheduler:
 
 
 def _idle_bytes_cap() -> int:
-    """The prompt cache's bound in bytes: a quarter of the memory free now."""
+    """The prompt cache's bound in bytes, from the memory free now."""
     import psutil
 
-    return psutil.virtual_memory().available // 4
+    from infer_cli.options import prompt_cache_bound
+
+    return prompt_cache_bound(psutil.virtual_memory().available)

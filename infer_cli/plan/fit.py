@@ -41,7 +41,7 @@ from typing import Any
 
 from infer_cli import ggml
 from infer_cli.errors import BadModelFile, BadOption
-from infer_cli.options import ALL_LAYERS, FLASH_ATTN, Options
+from infer_cli.options import ALL_LAYERS, FLASH_ATTN, Options, prompt_cache_bound
 
 MIB = 1 << 20
 GIB = 1 << 30
@@ -637,7 +637,7 @@ def serve_prompt_cache(m: Model, p: Plan) -> int:
     (llama.cpp saves only the window of such a sequence), as do RPC workers: nothing beyond."""
     if p.options.n_seq <= 1 or any(m.swa_layers) or p.options.rpc:
         return 0
-    return min(p.cpu.kv + p.gpu.kv, p.hardware.ram // 4)
+    return min(p.cpu.kv + p.gpu.kv, prompt_cache_bound(p.hardware.ram))
 
 
 def layers_on_gpu(m: Model, gpu_layers: int) -> int:
