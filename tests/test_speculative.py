@@ -371,6 +371,27 @@ def test_a_draft_that_could_not_pay_with_every_draft_taken_stops_at_once(monkeyp
     assert spec.stats.switches == [] and not spec.stats.switched_off
 
 
+def test_a_cost_no_acceptance_could_repay_stops_it_once_measured(monkeypatch):
+    # Every drafted token costs 1.2 plain steps: whatever the acceptance, rounds lose. It
+    # switches off as soon as the figure is measured (the first round, not measured, and three
+    # that are), not after 32 drafted tokens of evidence. On the clock's first figure it still
+    # probes; the probe measures the same, and that stops it for good.
+    spec, clock, run = _calibrating(monkeypatch, 0.010, kind=speculative.PromptLookup)
+    kinds = run([(2, 2)] * 40, seconds_per_step=0.010, cost=1.2)
+    [off] = spec.stats.switches
+    assert kinds.count("round") == 4 and spec.stats.drafted == 8
+    assert "a drafted token costs 1.20 plain steps: even every draft taken would give at most " \
+           "0.91x plain; next probe at token" in off["why"]
+    while spec.stats.switched_off:
+        spec.produced += 1
+        spec.speculating()
+    kinds = run([(2, 2)] * 8, seconds_per_step=0.010, cost=1.2)
+    again = spec.stats.switches[-1]
+    assert kinds.count("round") == 3
+    assert again["to"] == "off" and again["why"].startswith("probe: a drafted token costs 1.20")
+    assert "no probes" in again["why"] and spec.next_probe is None and spec.stats.probes == 1
+
+
 def test_lookup_length_follows_acceptance():
     spec = _policy(cost=0.1)
     lengths = []
@@ -410,7 +431,8 @@ def test_real_pair_switched_off_then_probed_back_on_keeps_the_targets_output(smo
     assert sp["switches"][1]["why"].startswith("probe: acceptance")
     assert sp["switched_off"] is None and sp["plain_tokens"] >= 8
     assert any(n.startswith("speculation off at token 0") and "on at token" in n for n in stats.notes)
-    # A cost no acceptance could repay: off once 32 drafted tokens are judged, for good.
+    # A cost no acceptance could repay: off after the first round, without waiting for 32
+    # drafted tokens of evidence, and for good (the figure is not the clock's first).
     draft.clear()
     spec = _policy(cost=3.0, kind=speculative.DraftModel, draft_session=draft)
     got, stats = _run(target, tokens, n=64, speculator=spec)
@@ -418,7 +440,9 @@ def test_real_pair_switched_off_then_probed_back_on_keeps_the_targets_output(smo
     sp = stats.speculative
     [off] = sp["switches"]
     assert off["to"] == "off" and "no probes" in off["why"] and sp["switched_off"]
-    assert 32 <= sp["drafted"] <= 32 + spec.draft_max
+    assert "a drafted token costs 3.00 plain steps: even every draft taken would give at most " \
+           "0.50x plain" in off["why"]
+    assert sp["rounds"] == 1 and 1 <= sp["drafted"] <= spec.draft_max
 
 
 def test_the_statistics_line_says_when_it_switched():

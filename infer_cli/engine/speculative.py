@@ -158,10 +158,11 @@ class Speculator:
     rejection), and the verdict looks at the latest ``window`` of them. A round drafting ``n``
     yields 1 + a + ... + a^n tokens for 1 + cost * n plain steps. Speculation switches off once
     ``evidence`` tokens are judged and even the upper end of the acceptance interval would not
-    pay for the rounds drafted; switched off, it probes again after ``probe_after`` plain tokens
-    (doubling after each failed probe) and is back on when the probe's acceptance pays. Like
-    llama.cpp's own speculative decoding, lengths and thresholds are fixed or follow the counts;
-    the clock gives only the cost figure: at the start, and again at each probe."""
+    pay for the rounds drafted, or as soon as the cost is measured where it is a plain step or
+    more (then no acceptance could pay); switched off, it probes again after ``probe_after``
+    plain tokens (doubling after each failed probe) and is back on when the probe's acceptance
+    pays. Like llama.cpp's own speculative decoding, lengths and thresholds are fixed or follow
+    the counts; the clock gives only the cost figure: at the start, and again at each probe."""
 
     draft_max: int = 16
     draft_min: int = 1
@@ -274,14 +275,15 @@ class Speculator:
         self.round_costs.append((steps - 1) / drafted)
         if drafted >= self.long_round and not self.remeasuring:
             self.best_case.append((drafted, steps))
-        if len(self.round_costs) >= self.calibrate_rounds:
+        measured = len(self.round_costs) >= self.calibrate_rounds
+        if measured:
             st.cost, st.cost_from = max(0.0, statistics.median(self.round_costs)), "measured"
             st.costs.append(round(st.cost, 3))
             self.round_costs = []
-            if self.remeasuring:  # the probe's verdict waited for its own figure
-                self.remeasuring = False
-                self._judge()
-        self._judge_best_case()
+            self.remeasuring = False
+        self._judge_best_case()  # for good, where the rounds show it: before the verdict below
+        if measured:  # the verdict waited for the figure (at the start, and in a probe)
+            self._judge()
 
     def _judge_best_case(self) -> None:
         """The cost verdict, from the clock (never with seeded sampling): what each of the
@@ -339,7 +341,15 @@ class Speculator:
 
     def _judge(self) -> None:
         st = self.stats
-        if self.measuring:
+        if self.measuring or st.switched_off:
+            return
+        # At a cost of a plain step or more a drafted token, no acceptance could pay: no need
+        # to wait for the evidence (each round of it at a loss).
+        ceiling = max(gain(1.0, n, st.cost) for n in range(1, self.draft_max + 1))
+        if ceiling < 1:
+            self._switch_off(f"{'probe: ' if self.probing else ''}a drafted token costs "
+                             f"{st.cost:.2f} plain steps: even every draft taken would give at "
+                             f"most {ceiling:.2f}x plain")
             return
         trials, accepted, lengths = self.judged()
         if trials < (self.probe_evidence if self.probing else self.evidence):
