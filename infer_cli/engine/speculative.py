@@ -180,6 +180,10 @@ class Speculator:
     window: int = 128           # the verdict's memory, in drafted tokens
     z: float = 2.0              # the acceptance interval: about 95%
     probe_after: int = 64       # plain tokens between switching off and the first probe
+    remeasure_after: int = 16   # the same where only the cost figure, the clock's first, stands
+                                # in the way: the probe measures it again, and a draft model
+                                # catches up on the tokens it missed in one batch, which costs
+                                # more the longer the gap (64 tokens: about 0.2 s for SmolLM2)
     probe_ceiling: float = 0.9  # no probes where even this acceptance would not pay
     prior_cost: float = 0.1     # the cost figure when nothing may be measured
     long_round: int = 4         # rounds drafting at least this many tokens tell the best case
@@ -384,7 +388,7 @@ class Speculator:
             self.next_probe = None
             why += f"; no probes: {self.probe_ceiling:.0%} acceptance would give {best:.2f}x plain"
         else:
-            self.next_probe = self.produced + self.probe_gap
+            self.next_probe = self.produced + (self.remeasure_after if hopeless else self.probe_gap)
             why += f"; next probe at token {self.next_probe}"
             if hopeless:  # on the clock's first figure: the probe measures it again
                 why += f" (at {st.cost:.2f} plain steps a drafted token even " \
