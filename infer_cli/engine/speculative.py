@@ -347,10 +347,11 @@ class Speculator:
         st = self.stats
         if self.measuring or st.switched_off:
             return
-        # At a cost of a plain step or more a drafted token, no acceptance could pay: no need
-        # to wait for the evidence (each round of it at a loss).
-        ceiling = max(gain(1.0, n, st.cost) for n in range(1, self.draft_max + 1))
-        if ceiling < 1:
+        # Where a drafted token costs more than a plain step, no acceptance could pay (every
+        # draft taken yields most with one draft a round): no need to wait for the evidence
+        # (each round of it at a loss).
+        if st.cost > 1:
+            ceiling = gain(1.0, 1, st.cost)
             self._switch_off(f"{'probe: ' if self.probing else ''}a drafted token costs "
                              f"{st.cost:.2f} plain steps: even every draft taken would give at "
                              f"most {ceiling:.2f}x plain")
