@@ -18,7 +18,10 @@ repetition against the baseline of the same repetition; "min" is the worst repet
 Stability: each (side, prompt) is one command run --reps times; its spread is the largest
 distance of a run's decode speed from that command's median. Plain decoding's spread on the
 same prompts in the same minutes is the machine's own noise, and native speculation's (at its
-best draft length) what llama.cpp's fixed policy gets from it.
+best draft length) what llama.cpp's fixed policy gets from it. "Same decisions" counts the
+prompts whose every run made the same choices: as many rounds, drafted and accepted tokens,
+and the same switches at the same tokens. Where they are the same, runs of a command differ in
+speed only by the machine's noise, not by anything the policy did.
 
 Greedy text can part at near-ties (a batch of drafts is computed in another order than single
 tokens), so "same text" counts the prompts whose text equals plain decoding in every run.
@@ -202,6 +205,22 @@ def spread(xs) -> float:
     return max(abs(x / m - 1) for x in xs) if xs and m else float("nan")
 
 
+def decisions(stats: dict | None) -> tuple:
+    """What a run's policy chose: its rounds, drafted and accepted tokens, and its switches."""
+    if not stats:
+        return ()
+    return (stats["rounds"], stats["drafted"], stats["accepted"],
+            tuple((s["token"], s["to"]) for s in stats["switches"]))
+
+
+def same_decisions(specs: list, n_prompts: int) -> int:
+    """Prompts whose every run (``specs`` holds rep after rep, each of ``n_prompts`` runs)
+    made the same decisions."""
+    reps = len(specs) // n_prompts if n_prompts else 0
+    return sum(len({decisions(specs[rep * n_prompts + i]) for rep in range(reps)}) == 1
+               for i in range(n_prompts)) if reps else 0
+
+
 def pairs(args):
     """(key, label, target, {side: command}) for every wanted pair."""
     n_max = [int(x) for x in args.n_max.split(",")]
@@ -274,6 +293,7 @@ def summarize(label, r, n_prompts) -> dict:
         "vs_native": median(vs_native), "vs_native_min": min(vs_native),
         "vs_plain": median(vs_plain), "vs_plain_min": min(vs_plain),
         "same": f"{sum(all(x) for x in r['same'])}/{n_prompts}",
+        "decisions": f"{same_decisions(r['specs'], n_prompts)}/{n_prompts}",
         "acceptance": sum(x["accepted"] for x in specs) / max(1, sum(x["drafted"] for x in specs)),
         "offs": f"{offs}/{len(specs)}", "ons": f"{ons}/{len(specs)}",
         "spread": max(spec_spread), "within8": f"{sum(s <= 0.08 for s in spec_spread)}/{n_prompts}",
@@ -286,15 +306,16 @@ def summarize(label, r, n_prompts) -> dict:
 
 HEADER = ("| pair | plain t/s | native t/s (best n) | infer spec t/s | vs native (min) | "
           "vs plain (min) | same text as plain | acceptance | off / back on (runs) | "
-          "spec spread, within 8% | plain spread, within 8% | native spread, within 8% |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "same decisions | spec spread, within 8% | plain spread, within 8% | "
+          "native spread, within 8% |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def row(s: dict) -> str:
     return (f"| {s['label']} | {s['plain']:.1f} | {s['native']:.1f} ({s['best']}) | "
             f"{s['spec']:.1f} | {s['vs_native']:.2f} ({s['vs_native_min']:.2f}) | "
             f"{s['vs_plain']:.2f} ({s['vs_plain_min']:.2f}) | {s['same']} | "
-            f"{s['acceptance']:.0%} | {s['offs']} / {s['ons']} | "
+            f"{s['acceptance']:.0%} | {s['offs']} / {s['ons']} | {s['decisions']} | "
             f"{s['spread']:.1%}, {s['within8']} | {s['plain_spread']:.1%}, "
             f"{s['plain_within8']} | {s['native_spread']:.1%}, {s['native_within8']} |")
 
