@@ -250,3 +250,28 @@ def test_bench_engine_pairs_each_repetition_with_the_native_run_beside_it():
     assert "| 0.800 | 0.950 |" in text
     # an infer side that failed part-way: no pairing is claimed
     assert bench.paired(bench.Series(native=[80.0, 100.0], infer=[76.0])) is None
+
+
+def test_bench_speculative_counts_the_prompts_whose_runs_decided_alike():
+    """Two prompts, three repetitions: the first prompt's runs made the same choices each time;
+    in one run of the second the clock's cost figure switched speculation off at another token,
+    so its speed may differ for a reason other than the machine, and it is not counted."""
+    from tests.scripts import load_script
+
+    bench = load_script("bench_speculative")
+
+    def run(rounds, drafted, accepted, switches=()):
+        return {"rounds": rounds, "drafted": drafted, "accepted": accepted,
+                "switches": [{"token": t, "to": to, "why": "a reason worded per run"}
+                             for t, to in switches]}
+
+    same = run(23, 264, 228)
+    off_on = [(21, "off"), (72, "on")]
+    specs = [same, run(23, 235, 209, off_on),          # repetition 1: prompts 0 and 1
+             same, run(23, 235, 209, off_on),          # repetition 2
+             same, run(23, 235, 209, [(21, "off"), (88, "on")])]  # back on later this time
+    assert bench.same_decisions(specs, 2) == 1
+    specs[5] = run(23, 235, 209, off_on)
+    assert bench.same_decisions(specs, 2) == 2
+    # the wording of a switch's reason (which carries measured figures) is not a decision
+    assert bench.decisions(specs[1]) == bench.decisions(run(23, 235, 209, off_on))
