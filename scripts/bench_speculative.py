@@ -216,9 +216,8 @@ def decisions(stats: dict | None) -> tuple:
 def same_decisions(specs: list, n_prompts: int) -> int:
     """Prompts whose every run (``specs`` holds rep after rep, each of ``n_prompts`` runs)
     made the same decisions."""
-    reps = len(specs) // n_prompts if n_prompts else 0
-    return sum(len({decisions(specs[rep * n_prompts + i]) for rep in range(reps)}) == 1
-               for i in range(n_prompts)) if reps else 0
+    runs = [specs[i::n_prompts] for i in range(n_prompts)]  # each prompt's runs, rep by rep
+    return sum(len({decisions(s) for s in r}) == 1 for r in runs)
 
 
 def pairs(args):
