@@ -372,24 +372,45 @@ def test_a_draft_that_could_not_pay_with_every_draft_taken_stops_at_once(monkeyp
 
 
 def test_a_cost_no_acceptance_could_repay_stops_it_once_measured(monkeypatch):
-    # Every drafted token costs 1.2 plain steps: whatever the acceptance, rounds lose. It
+    # Every drafted token costs 1.5 plain steps: whatever the acceptance, rounds lose. It
     # switches off as soon as the figure is measured (the first round, not measured, and three
     # that are), not after 32 drafted tokens of evidence. On the clock's first figure it still
     # probes; the probe measures the same, and that stops it for good.
     spec, clock, run = _calibrating(monkeypatch, 0.010, kind=speculative.PromptLookup)
-    kinds = run([(2, 2)] * 40, seconds_per_step=0.010, cost=1.2)
+    kinds = run([(2, 2)] * 40, seconds_per_step=0.010, cost=1.5)
     [off] = spec.stats.switches
-    assert kinds.count("round") == 4 and spec.stats.drafted == 8
-    assert "a drafted token costs 1.20 plain steps: even every draft taken would give at most " \
-           f"0.91x plain; next probe at token {off['token'] + 16}" in off["why"]
+    assert kinds.count("round") == 4 and spec.stats.drafted == 8 and spec.stats.rechecks == []
+    assert "a drafted token costs 1.50 plain steps: even every draft taken would give at most " \
+           f"0.80x plain; next probe at token {off['token'] + 16}" in off["why"]
     while spec.stats.switched_off:
         spec.produced += 1
         spec.speculating()
-    kinds = run([(2, 2)] * 8, seconds_per_step=0.010, cost=1.2)
+    kinds = run([(2, 2)] * 8, seconds_per_step=0.010, cost=1.5)
     again = spec.stats.switches[-1]
     assert kinds.count("round") == 3
-    assert again["to"] == "off" and again["why"].startswith("probe: a drafted token costs 1.20")
+    assert again["to"] == "off" and again["why"].startswith("probe: a drafted token costs 1.50")
     assert "no probes" in again["why"] and spec.next_probe is None and spec.stats.probes == 1
+    # At 1.2, a figure 20% lower (0.96) would pay: within what runs of one prompt measure, so the
+    # figure is measured again before anything stops (no switch-off, no probe, no catch-up);
+    # measured at 1.2 again, it stops for good.
+    spec, clock, run = _calibrating(monkeypatch, 0.010, kind=speculative.PromptLookup)
+    kinds = run([(2, 2)] * 40, seconds_per_step=0.010, cost=1.2)
+    [off] = spec.stats.switches
+    [recheck] = spec.stats.rechecks
+    assert recheck["why"] == "a drafted token costs 1.20 plain steps, at most 0.91x plain; at " \
+                             "0.96 plain steps a drafted token (its cheapest round, or 20% less) " \
+                             "it would pay"
+    assert kinds.count("round") == 7 and spec.stats.costs == [pytest.approx(1.2)] * 2
+    assert "no probes" in off["why"] and spec.next_probe is None and spec.stats.probes == 0
+    # One of the three rounds at 0.5 (two slowed by a neighbour): at that cost every draft taken
+    # would pay, so the figure is measured again, and it is 0.5: speculation never stopped.
+    spec, clock, run = _calibrating(monkeypatch, 0.010, kind=speculative.PromptLookup)
+    run([(2, 2)] * 2, seconds_per_step=0.010, cost=0.5)
+    run([(2, 2)] * 2, seconds_per_step=0.010, cost=1.5)
+    run([(2, 2)] * 20, seconds_per_step=0.010, cost=0.5)
+    assert spec.stats.switches == [] and spec.stats.costs == [pytest.approx(1.5), pytest.approx(0.5)]
+    [recheck] = spec.stats.rechecks
+    assert "its cheapest round" in recheck["why"] and "at 0.50 plain steps" in recheck["why"]
 
 
 def test_lookup_length_follows_acceptance():
@@ -457,34 +478,51 @@ def test_the_statistics_line_says_when_it_switched():
 
 def test_the_first_measured_cost_alone_does_not_stop_it_for_good(monkeypatch):
     # A neighbour on the CPU during two of the three calibration rounds: a drafted token
-    # measures 1.0 plain steps (the median of 0.6, 1.0, 1.0), at which even 90% acceptance
-    # would not pay, so it switches off; the first round's best case (1.5x) kept the cost
-    # verdict away. On one figure from the clock it still probes: the probe measures 0.1, and
-    # the same acceptance pays.
-    def disturbed(run):
+    # measures 1.0 plain steps (the median of 0.6, 1.0, 1.0), at which 75% acceptance would
+    # not pay; at 0.6, the cheapest of those rounds, it would. So the verdict waits: the figure
+    # is measured again over three more rounds, without switching off.
+    def disturbed(run, after):
         run([(4, 3)] * 2, seconds_per_step=0.010, cost=0.6)  # the first is not measured
-        run([(4, 3)] * 40, seconds_per_step=0.010, cost=1.0)
+        run([(4, 3)] * 2, seconds_per_step=0.010, cost=1.0)
+        return run([(4, 3)] * 40, seconds_per_step=0.010, cost=after)
 
+    # The neighbour has gone: the figure measured again is 0.1, and speculation never stopped.
     spec, clock, run = _calibrating(monkeypatch, 0.010, kind=speculative.PromptLookup)
-    disturbed(run)
+    kinds = disturbed(run, after=0.1)
+    assert spec.stats.switches == [] and spec.stats.probes == 0
+    [recheck] = spec.stats.rechecks
+    # the eighth round gave 32 judged tokens: 8 rounds of 4 tokens and the calibration's 4 plain
+    assert recheck["token"] == 8 * 4 + 4
+    assert "acceptance 75% (58%-87%) over 32 drafted tokens, a drafted token costing 1.00 plain " \
+           "steps: at most 0.77x plain; at 0.60 plain steps a drafted token (its cheapest " \
+           "round, or 20% less) it would pay" in recheck["why"]
+    assert spec.stats.costs == [pytest.approx(1.0), pytest.approx(0.1)]
+    # the fourth round's plain step, four rounds on the first figure, then the re-check's three,
+    # each followed by a plain step
+    assert kinds[:11] == ["plain"] + ["round"] * 4 + ["round", "plain"] * 3
+    assert "cost measured again at token 36" in spec.stats.summary()
+    # It stays: the figure measured again is 1.0 as well, and now speculation stops, for good
+    # (even 90% acceptance would not pay at a figure measured twice).
+    spec, clock, run = _calibrating(monkeypatch, 0.010, kind=speculative.PromptLookup)
+    disturbed(run, after=1.0)
     [off] = spec.stats.switches
-    assert off["to"] == "off" and "costing 1.00 plain steps" in off["why"]
-    # the probe comes sooner than after an acceptance verdict (64): it is there to measure
+    assert len(spec.stats.rechecks) == 1 and spec.stats.costs == [pytest.approx(1.0)] * 2
+    assert "costing 1.00 plain steps" in off["why"] and "no probes: 90% acceptance" in off["why"]
+    assert spec.next_probe is None and spec.stats.probes == 0
+    # All three rounds slowed down: neither the cheapest nor a figure 20% lower would pay, so it
+    # switches off at once, and on the clock's first figure it still probes, 16 tokens later
+    # (not 64: it is there to measure); the probe measures 0.1, and the same acceptance pays.
+    # (Rounds of three drafts: two long rounds this slow would give the cost verdict instead.)
+    spec, clock, run = _calibrating(monkeypatch, 0.010, kind=speculative.PromptLookup)
+    run([(3, 2)], seconds_per_step=0.010, cost=0.6)
+    run([(3, 2)] * 40, seconds_per_step=0.010, cost=1.0)
+    [off] = spec.stats.switches
+    assert spec.stats.rechecks == [] and "costing 1.00 plain steps" in off["why"]
     assert f"next probe at token {off['token'] + 16}" in off["why"]
     assert "a probe measures that figure again" in off["why"]
     while spec.stats.switched_off:
         spec.produced += 1
         spec.speculating()
-    run([(4, 3)] * 8, seconds_per_step=0.010, cost=0.1)
+    run([(3, 2)] * 8, seconds_per_step=0.010, cost=0.1)
     assert spec.stats.switches[-1]["to"] == "on"
     assert spec.stats.costs == [pytest.approx(1.0), pytest.approx(0.1)]
-    # A probe that measures the same 1.0 again confirms it: off for good this time.
-    spec, clock, run = _calibrating(monkeypatch, 0.010, kind=speculative.PromptLookup)
-    disturbed(run)
-    while spec.stats.switched_off:
-        spec.produced += 1
-        spec.speculating()
-    run([(4, 3)] * 8, seconds_per_step=0.010, cost=1.0)
-    again = spec.stats.switches[-1]
-    assert again["to"] == "off" and "no probes: 90% acceptance would give" in again["why"]
-    assert spec.stats.probes == 1 and spec.next_probe is None
