@@ -283,6 +283,7 @@ def summarize(label, r, n_prompts) -> dict:
     specs = [x for x in r["specs"] if x]
     offs = sum(1 for x in specs if any(s["to"] == "off" for s in x["switches"]))
     ons = sum(1 for x in specs if any(s["to"] == "on" for s in x["switches"]))
+    rechecked = sum(1 for x in specs if x.get("rechecks"))
     spec_spread = [spread(xs) for xs in r["per_prompt"]["spec"]]
     plain_spread = [spread(xs) for xs in r["per_prompt"]["plain"]]
     native_spread = [spread(xs) for xs in r["per_prompt"][best]]
@@ -295,6 +296,7 @@ def summarize(label, r, n_prompts) -> dict:
         "decisions": f"{same_decisions(r['specs'], n_prompts)}/{n_prompts}",
         "acceptance": sum(x["accepted"] for x in specs) / max(1, sum(x["drafted"] for x in specs)),
         "offs": f"{offs}/{len(specs)}", "ons": f"{ons}/{len(specs)}",
+        "rechecked": f"{rechecked}/{len(specs)}",
         "spread": max(spec_spread), "within8": f"{sum(s <= 0.08 for s in spec_spread)}/{n_prompts}",
         "plain_spread": max(plain_spread),
         "plain_within8": f"{sum(s <= 0.08 for s in plain_spread)}/{n_prompts}",
@@ -305,16 +307,17 @@ def summarize(label, r, n_prompts) -> dict:
 
 HEADER = ("| pair | plain t/s | native t/s (best n) | infer spec t/s | vs native (min) | "
           "vs plain (min) | same text as plain | acceptance | off / back on (runs) | "
-          "same decisions | spec spread, within 8% | plain spread, within 8% | "
-          "native spread, within 8% |\n"
-          "|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "cost re-checked (runs) | same decisions | spec spread, within 8% | "
+          "plain spread, within 8% | native spread, within 8% |\n"
+          "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
 
 
 def row(s: dict) -> str:
     return (f"| {s['label']} | {s['plain']:.1f} | {s['native']:.1f} ({s['best']}) | "
             f"{s['spec']:.1f} | {s['vs_native']:.2f} ({s['vs_native_min']:.2f}) | "
             f"{s['vs_plain']:.2f} ({s['vs_plain_min']:.2f}) | {s['same']} | "
-            f"{s['acceptance']:.0%} | {s['offs']} / {s['ons']} | {s['decisions']} | "
+            f"{s['acceptance']:.0%} | {s['offs']} / {s['ons']} | {s['rechecked']} | "
+            f"{s['decisions']} | "
             f"{s['spread']:.1%}, {s['within8']} | {s['plain_spread']:.1%}, "
             f"{s['plain_within8']} | {s['native_spread']:.1%}, {s['native_within8']} |")
 

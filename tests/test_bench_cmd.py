@@ -275,3 +275,21 @@ def test_bench_speculative_counts_the_prompts_whose_runs_decided_alike():
     assert bench.same_decisions(specs, 2) == 2
     # the wording of a switch's reason (which carries measured figures) is not a decision
     assert bench.decisions(specs[1]) == bench.decisions(run(23, 235, 209, off_on))
+
+
+def test_bench_speculative_counts_the_runs_that_measured_the_cost_again():
+    """The summary row says in how many runs the policy measured its cost figure again before a
+    switch-off (a re-check), beside the runs it switched off in."""
+    from tests.scripts import load_script
+
+    bench = load_script("bench_speculative")
+    quiet = {"rounds": 23, "drafted": 264, "accepted": 228, "switches": [], "rechecks": []}
+    rechecked = {**quiet, "rounds": 24, "rechecks": [{"token": 21, "why": "w"}]}
+    r = {"runs": {"plain": [40.0, 42.0], "spec": [60.0, 62.0], "native8": [50.0, 52.0]},
+         "per_prompt": {"plain": [[40.0, 42.0]], "spec": [[60.0, 62.0]], "native8": [[50.0, 52.0]]},
+         "same": [[True, True]], "specs": [quiet, rechecked]}
+    s = bench.summarize("pair", r, 1)
+    assert s["rechecked"] == "1/2" and s["offs"] == "0/2" and s["decisions"] == "0/1"
+    line = bench.row(s)
+    assert "| 0/2 / 0/2 | 1/2 | 0/1 |" in line
+    assert line.count("|") == bench.HEADER.splitlines()[0].count("|")

@@ -154,7 +154,7 @@ def stream(session: Session, req: Request, *, stats: Stats | None = None,
     stats.kv_used = len(session.tokens)
     stats.peak_rss_bytes = peak_rss()
     stats.speculative = speculator.stats.as_dict()
-    if speculator.stats.switches:  # when and why it switched, in the notes as in the statistics
+    if speculator.stats.switches or speculator.stats.rechecks:  # when and why, in the notes too
         stats.notes.append(f"speculation {speculator.stats.summary()}")
     yield Event(tail, None, stats, finish)
 

@@ -13,8 +13,8 @@ rejection. Whether speculation pays is judged on the latest drafted tokens (not 
 the acceptance estimate's confidence interval, against one cost figure: what a drafted token
 costs in plain steps, measured over the first rounds (from the model sizes when sampling is
 seeded, so that nothing depends on the clock). A switch-off that rests on the clock's first
-figure alone (at the cheapest of the rounds behind it, speculation would pay) waits for the
-figure to be measured again. Switched off, it probes again every so often, measures the cost
+figure alone (at the cheapest of the rounds behind it, or at a figure 20% lower, speculation
+would pay) waits for the figure to be measured again. Switched off, it probes again every so often, measures the cost
 again over the probe's first rounds (the machine's load may have changed since), and switches
 back on when acceptance has recovered. Given the tokens and the cost figures, every decision
 is deterministic.
@@ -172,7 +172,7 @@ class Speculator:
     plain tokens (doubling after each failed probe) and is back on when the probe's acceptance
     pays. Like llama.cpp's own speculative decoding, lengths and thresholds are fixed or follow
     the counts; the clock gives only the cost figure: at the start, once more before a
-    switch-off that the cheapest of its first rounds would not give, and at each probe."""
+    switch-off that rests on that first figure alone (see ``_recheck``), and at each probe."""
 
     draft_max: int = 16
     draft_min: int = 1
