@@ -382,11 +382,11 @@ class Speculator:
         rate = accepted / trials
         what = (f"acceptance {rate:.0%} ({lo:.0%}-{hi:.0%}) over {trials} drafted tokens, "
                 f"a drafted token costing {st.cost:.2f} plain steps")
-        if gain(hi, lengths, st.cost) < 1:
-            if self._recheck(lambda cost: gain(hi, lengths, cost) >= 1,
-                             f"{what}: at most {gain(hi, lengths, st.cost):.2f}x plain"):
-                return
-            self._switch_off(f"{what}: at most {gain(hi, lengths, st.cost):.2f}x plain")
+        best = gain(hi, lengths, st.cost)
+        if best < 1:
+            verdict = f"{what}: at most {best:.2f}x plain"
+            if not self._recheck(lambda cost: gain(hi, lengths, cost) >= 1, verdict):
+                self._switch_off(verdict)
         elif self.probing and (gain(rate, lengths, st.cost) >= 1 or trials >= self.evidence):
             if gain(rate, lengths, st.cost) >= 1:
                 self.probing = False
