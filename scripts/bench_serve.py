@@ -25,9 +25,18 @@ Per load: aggregate generated tokens/s (completion tokens from the final usage c
 with stream_options.include_usage; the number of content chunks where a server sends no usage)
 summed over the requests / wall time from the first send to the last byte; TTFT (time to the
 first non-empty content delta) p50 and p95; complete responses (HTTP 200, a finish_reason,
-non-empty text). A load is max(--min-requests, clients x --rounds) requests (defaults 4 and 1:
-4, 4 and 16 requests at 1, 4 and 16 clients; so the default run, 3 reps, takes ~12 minutes on 2
-cores). Medians over --reps.
+non-empty text). A load is max(--min-requests, clients x --rounds) requests (defaults 8 and 1:
+8, 8 and 16 requests at 1, 4 and 16 clients; so the default run, 3 reps, takes ~15 minutes on 2
+cores). Medians over --reps. Eight requests at 4 clients is the load the llama-cpp-python
+figures of the issue were measured with: its server as it ships lets a new request cut off the
+stream in progress, so what it delivers depends on how many requests cut in, and a load of only
+one wave (4 requests) gives it one survivor's whole answer in the time of little more than one.
+
+At temperature 0 the servers' answers still differ in length: a batch's arithmetic depends on
+which sequences share it, so greedy texts part at near-ties, and with --parallel 4 and 16
+clients the TTFT p50 falls between the requests of the second wave and the third, i.e. on when
+the earlier answers happened to end. --ignore-eos asks every answer to run to max_tokens (an
+extra both infer and llama-server take), so every server does the same work in every load.
 
     .venv/bin/python scripts/bench_serve.py [--model PATH] [--reps 3] [--json]
     .venv/bin/python scripts/bench_serve.py --reps 1 --max-tokens 16 --clients 1,4 --servers infer4,llama4
@@ -347,14 +356,17 @@ class Running:
 
 # --- loads --------------------------------------------------------------------------------------
 
-def chat_payload(prompt: str, max_tokens: int) -> dict:
-    return {"model": "bench", "messages": [{"role": "user", "content": prompt}],
+def chat_payload(prompt: str, max_tokens: int, ignore_eos: bool = False) -> dict:
+    body = {"model": "bench", "messages": [{"role": "user", "content": prompt}],
             "max_tokens": max_tokens, "temperature": 0, "stream": True,
             "stream_options": {"include_usage": True}}
+    if ignore_eos:  # llama-server's and infer's extra (vLLM's too): every answer max_tokens long
+        body["ignore_eos"] = True
+    return body
 
 
 async def run_load(port: int, prompts: list[str], clients: int, max_tokens: int,
-                   deadline_s: float) -> dict:
+                   deadline_s: float, ignore_eos: bool = False) -> dict:
     """``clients`` workers take the prompts in turn until none is left; a bound on wall time."""
     todo = list(prompts)
     results: list[StreamResult] = []
@@ -365,7 +377,7 @@ async def run_load(port: int, prompts: list[str], clients: int, max_tokens: int,
     async def worker():
         while todo and time.perf_counter() < end:
             p = todo.pop(0)
-            results.append(await stream_chat(port, chat_payload(p, max_tokens),
+            results.append(await stream_chat(port, chat_payload(p, max_tokens, ignore_eos),
                                              timeout=max(1.0, end - time.perf_counter())))
 
     await asyncio.gather(*(worker() for _ in range(clients)))
@@ -431,12 +443,20 @@ def main() -> int:
     ap.add_argument("--sets", default="tuning,held-out")
     ap.add_argument("--rounds", type=int, default=1,
                     help="requests per client in a load (at least --min-requests in all)")
-    ap.add_argument("--min-requests", type=int, default=4, help="fewest requests in a load")
+    ap.add_argument("--min-requests", type=int, default=8, help="fewest requests in a load")
     ap.add_argument("--load-timeout", type=float, default=180.0, help="bound on one load's wall time")
+    ap.add_argument("--ignore-eos", action="store_true",
+                    help="ask every answer to run to max_tokens (infer and llama-server; "
+                         "llama-cpp-python ignores it), so every server does the same work")
+    ap.add_argument("--merge", nargs="+", type=Path, metavar="FILE",
+                    help="run nothing: pool the repetitions of earlier runs (their --json output, "
+                         "saved to files) into one table; the runs must share model and settings")
     ap.add_argument("--log-dir", type=Path, default=None, help="keep the servers' output here")
     ap.add_argument("--json", action="store_true", help="print the results as JSON too")
     args = ap.parse_args()
 
+    if args.merge:
+        return merge(args)
     clients_wanted = {int(x) for x in args.clients.split(",")}
     specs = [SPECS[k] for k in args.servers.split(",")]
     sets = [s for s in args.sets.split(",")]
@@ -480,8 +500,8 @@ def main() -> int:
                                           clients)
                     cpu0, load0 = srv.cpu_s(), os.getloadavg()[0]
                     res = asyncio.run(run_load(srv.port, prompts, clients, args.max_tokens,
-                                               args.load_timeout))
-                    res["ready_s"] = ready[spec.key]
+                                               args.load_timeout, args.ignore_eos))
+                    res["ready_s"], res["rep"] = ready[spec.key], rep
                     # the server's CPU use (2 busy threads: ~200%) and the machine's load: a
                     # low share with a high load says another process took the cores
                     res["server_cpu_pct"] = 100 * (srv.cpu_s() - cpu0) / res["wall_s"]
@@ -505,12 +525,67 @@ def main() -> int:
     if args.json:
         print(json.dumps({"settings": {"model": str(args.model), "reps": args.reps, "ctx": args.ctx,
                                        "threads": args.threads, "max_tokens": args.max_tokens,
-                                       "rounds": args.rounds, "min_requests": args.min_requests, "total_s": total_s},
+                                       "ignore_eos": args.ignore_eos, "rounds": args.rounds,
+                                       "min_requests": args.min_requests, "total_s": total_s},
                           "configs": [{"server": k[0], "set": k[1], "clients": k[2], **v}
                                       for k, v in summary.items()],
                           "ratios": ratios,
                           "raw": [{"server": k[0], "set": k[1], "clients": k[2], "reps": v}
                                   for k, v in raw.items()]}, indent=1))
+    return 0
+
+
+SAME = ("model", "ctx", "threads", "max_tokens", "ignore_eos")  # what pooled runs must share
+
+
+def read_run(path: Path) -> dict:
+    """The JSON document a run printed with --json (after its tables, or alone)."""
+    try:
+        text = path.read_text()
+    except OSError as e:
+        raise SystemExit(f"{path}: {e.strerror}") from None
+    start = text.find("\n{\n") + 1 if not text.startswith("{") else 0
+    try:
+        doc = json.loads(text[start:])
+    except (json.JSONDecodeError, ValueError):
+        doc = None
+    if not isinstance(doc, dict) or "settings" not in doc or "raw" not in doc:
+        raise SystemExit(f"{path}: no --json output of a bench_serve.py run in it")
+    return doc
+
+
+def merge(args) -> int:
+    """--merge: one table from the repetitions of several runs, each tagged with its run so that
+    pairs stay within the repetition they ran in."""
+    docs = [read_run(p) for p in args.merge]
+    first = docs[0]["settings"]
+    for p, d in zip(args.merge[1:], docs[1:]):
+        diff = [k for k in SAME if d["settings"].get(k, False) != first.get(k, False)]
+        if diff:
+            raise SystemExit(f"{p}: another {', '.join(diff)} than {args.merge[0]}; not pooled")
+    raw: dict[tuple[str, str, int], list[dict]] = {}
+    sets: list[str] = []
+    for run, d in enumerate(docs):
+        for entry in d["raw"]:
+            if entry["set"] not in sets:
+                sets.append(entry["set"])
+            reps = [{**r, "run": run, "rep": r.get("rep", i)} for i, r in enumerate(entry["reps"])]
+            raw.setdefault((entry["server"], entry["set"], entry["clients"]), []).extend(reps)
+    for (server, set_name, clients), reps in raw.items():
+        sizes = sorted({r["requests"] for r in reps})
+        if len(sizes) > 1:  # e.g. runs with another --min-requests: said, not hidden
+            print(f"note: {server} {set_name} {clients} clients pools loads of "
+                  f"{' and '.join(map(str, sizes))} requests", file=sys.stderr)
+    args.model, args.ctx, args.threads = Path(first["model"]), first["ctx"], first["threads"]
+    args.max_tokens, args.ignore_eos = first["max_tokens"], first.get("ignore_eos", False)
+    args.reps = f"{sum(d['settings']['reps'] for d in docs)} (pooled from {len(docs)} runs)"
+    total_s = sum(d["settings"].get("total_s", 0) for d in docs)
+    summary = summarize(raw)
+    ratios = compute_ratios(summary, sets, raw)
+    print_tables(summary, ratios, sets, args, total_s)
+    if args.json:
+        print(json.dumps({"settings": {**first, "merged": [str(p) for p in args.merge]},
+                          "ratios": ratios}, indent=1))
     return 0
 
 
@@ -523,22 +598,60 @@ def summarize(raw) -> dict:
                     "tokens": med("tokens"),
                     "complete": sum(r["complete"] for r in reps),
                     "requests": sum(r["requests"] for r in reps),
+                    "load_sizes": sorted({r["requests"] for r in reps}),
                     "usage_reported": all(r["usage_reported"] for r in reps), "reps": len(reps),
                     "server_cpu_pct": med("server_cpu_pct"),
                     "max_loadavg_1m": max(r["loadavg_1m"] for r in reps)}
     return out
 
 
+def _rep_id(r: dict, i: int):
+    """Which repetition of which run a load result is: results carry their repetition (and, when
+    pooled by --merge, their run); older results are known by their place in the list."""
+    return r.get("run", 0), r.get("rep", i)
+
+
+def pair_ratios(raw, mine: str, theirs: str, s: str, c: int, field: str) -> list[float]:
+    """One ratio (mine / theirs) per repetition that both servers ran: the two ran back to back,
+    so a machine whose speed drifts over the run (a neighbour coming or going) moves both sides
+    of each ratio alike."""
+    a, b = raw.get((mine, s, c)) or [], raw.get((theirs, s, c)) or []
+    by_id = {_rep_id(y, i): y for i, y in enumerate(b)}
+    out = []
+    for i, x in enumerate(a):
+        y = by_id.get(_rep_id(x, i))
+        if y is not None and y[field]:
+            out.append(x[field] / y[field])
+    return out
+
+
 def paired(raw, mine: str, theirs: str, s: str, c: int, field: str) -> float | None:
-    """The median over repetitions of one repetition's ratio (mine / theirs): the two servers of a
-    repetition ran back to back, so a machine whose speed drifts over the run (a neighbour coming
-    or going) moves both sides of each ratio alike. None unless both ran every repetition (and
-    theirs measured something in one at least)."""
-    a, b = raw.get((mine, s, c)), raw.get((theirs, s, c))
-    if not a or not b or len(a) != len(b):
-        return None
-    ratios = [x[field] / y[field] for x, y in zip(a, b) if y[field]]
+    """The median of ``pair_ratios``; None where no repetition has both."""
+    ratios = pair_ratios(raw, mine, theirs, s, c, field)
     return statistics.median(ratios) if ratios else None
+
+
+def interval(ratios: list[float], level: float = 0.90, draws: int = 2000) -> tuple[float, float] | None:
+    """A bootstrap interval for the median of ``ratios`` (resampled with a fixed seed, so a table
+    printed twice reads the same): where it straddles a bound, the run has not resolved the
+    ratio against that bound. None for fewer than four ratios."""
+    import random
+
+    if len(ratios) < 4:
+        return None
+    rng = random.Random(0)
+    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
+    lo = meds[int((1 - level) / 2 * draws)]
+    hi = meds[min(draws - 1, int((1 + level) / 2 * draws))]
+    return lo, hi
+
+
+def _row(s: str, what: str, c: int, value: float, raw, mine: str, theirs: str, field: str,
+         target: str, met: bool) -> dict:
+    ratios = pair_ratios(raw, mine, theirs, s, c, field)
+    return {"set": s, "what": what, "clients": c, "value": value,
+            "paired": statistics.median(ratios) if ratios else None, "pairs": len(ratios),
+            "paired_90": interval(ratios), "target": target, "met": met}
 
 
 def compute_ratios(summary, sets, raw) -> list[dict]:
@@ -555,16 +668,14 @@ def compute_ratios(summary, sets, raw) -> list[dict]:
                                 ("infer4-50ms", "llama4", 4), ("infer4-50ms", "llama4", 16)):
             a, b = get(mine, s, c), get(theirs, s, c)
             if a and b:
-                rows.append({"set": s, "what": f"aggregate tok/s {mine} / {theirs}", "clients": c,
-                             "value": a["agg_tps"] / b["agg_tps"],
-                             "paired": paired(raw, mine, theirs, s, c, "agg_tps"), "target": ">= 0.95",
-                             "met": a["agg_tps"] / b["agg_tps"] >= 0.95})
+                v = a["agg_tps"] / b["agg_tps"]
+                rows.append(_row(s, f"aggregate tok/s {mine} / {theirs}", c, v, raw, mine, theirs,
+                                 "agg_tps", ">= 0.95", v >= 0.95))
                 if c == 16:
                     for q in ("p50", "p95"):
                         v = a[f"ttft_{q}_ms"] / b[f"ttft_{q}_ms"]
-                        rows.append({"set": s, "what": f"TTFT {q} {mine} / {theirs}", "clients": c,
-                                     "value": v, "paired": paired(raw, mine, theirs, s, c, f"ttft_{q}_ms"),
-                                     "target": "<= 1.1", "met": v <= 1.1})
+                        rows.append(_row(s, f"TTFT {q} {mine} / {theirs}", c, v, raw, mine, theirs,
+                                         f"ttft_{q}_ms", "<= 1.1", v <= 1.1))
         a = get("infer4", s, 4)
         for theirs, label in (("lcp", "llama-cpp-python (serial)"),
                               ("lcp-default", "llama-cpp-python (as it ships)")):
@@ -573,16 +684,16 @@ def compute_ratios(summary, sets, raw) -> list[dict]:
                 # "complete" judges infer's answers: the shipped llama-cpp-python server cuts
                 # streams off by design, which is the behaviour the bound was set against
                 v = a["agg_tps"] / b["agg_tps"]
-                rows.append({"set": s, "what": f"aggregate tok/s infer4 / {label}", "clients": 4,
-                             "value": v, "paired": paired(raw, "infer4", theirs, s, 4, "agg_tps"),
-                             "target": ">= 3, infer's all complete",
-                             "met": v >= 3 and a["complete"] == a["requests"]})
+                rows.append(_row(s, f"aggregate tok/s infer4 / {label}", 4, v, raw, "infer4", theirs,
+                                 "agg_tps", ">= 3, infer's all complete",
+                                 v >= 3 and a["complete"] == a["requests"]))
     return rows
 
 
 def print_tables(summary, ratios, sets, args, total_s) -> None:
     print(f"\n`infer serve` vs llama-server vs llama-cpp-python: {args.model.name}, ctx {args.ctx}, "
-          f"{args.threads} threads, max_tokens {args.max_tokens}, temperature 0, streamed; median "
+          f"{args.threads} threads, max_tokens {args.max_tokens}"
+          f"{' (EOS ignored)' if args.ignore_eos else ''}, temperature 0, streamed; median "
           f"of {args.reps} reps; {total_s / 60:.1f} min in all\n")
     for s in sets:
         print(f"**{s} prompts**\n")
@@ -595,21 +706,25 @@ def print_tables(summary, ratios, sets, args, total_s) -> None:
                 if not v:
                     continue
                 note = "" if v["usage_reported"] else " (chunks)"
-                print(f"| {SPECS[key].label} | {c} | {v['requests'] // v['reps']} | "
+                sizes = "/".join(map(str, v["load_sizes"]))
+                print(f"| {SPECS[key].label} | {c} | {sizes} | "
                       f"{v['agg_tps']:.1f}{note} | {v['ttft_p50_ms']:.1f} | {v['ttft_p95_ms']:.1f} | "
                       f"{v['complete']}/{v['requests']} | {v['server_cpu_pct']:.0f} | "
                       f"{v['max_loadavg_1m']:.2f} |")
         print()
     if ratios:
-        print("| set | ratio | clients | value | paired | target | met |")
+        print("| set | ratio | clients | value | paired [90%] | target | met |")
         print("|---|---|---:|---:|---:|---|---|")
         for r in ratios:
             pr = f"{r['paired']:.3f}" if r.get("paired") is not None else "-"
+            if r.get("paired_90"):
+                pr += " [{:.3f}, {:.3f}]".format(*r["paired_90"])
             print(f"| {r['set']} | {r['what']} | {r['clients']} | {r['value']:.3f} | {pr} | {r['target']} | "
                   f"{'yes' if r['met'] else 'NO'} |")
         print()
     print("value: the ratio of the two medians (what `met` judges); paired: the median of the "
-          "ratios within each repetition, where both servers ran back to back.\n"
+          "ratios within each repetition, where both servers ran back to back, with a 90% "
+          "bootstrap interval for it (4 repetitions or more).\n"
           "(chunks): the server sent no usage chunk; tokens are the content chunks received.\n"
           "server CPU %: the server process's CPU time over the load's wall time (median of reps; "
           "about 200 with 2 busy threads); max load: the 1-minute load average, highest of the "

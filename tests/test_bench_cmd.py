@@ -230,9 +230,77 @@ def test_bench_serve_pairs_each_repetition_with_the_server_that_ran_beside_it():
                                for k, v in raw.items()})
     (row,) = bench.compute_ratios(summary, ["held-out"], raw)
     assert row["paired"] == 0.9 and row["value"] == 63.0 / 80.0 and not row["met"]
-    # a server that missed a repetition: no pairing is claimed
-    raw[("llama4", "held-out", 1)].pop()
-    assert bench.paired(raw, "infer4", "llama4", "held-out", 1, "agg_tps") is None
+    # llama-server missed the middle repetition: the others still pair with their own partners
+    # (the repetition each result carries), not with whatever comes next in the list
+    for key in raw:
+        raw[key] = [{**r, "rep": i} for i, r in enumerate(raw[key])]
+    del raw[("llama4", "held-out", 1)][1]
+    assert bench.pair_ratios(raw, "infer4", "llama4", "held-out", 1, "agg_tps") == [0.9, 0.9]
+    # results pooled from two runs (--merge) pair within their run only
+    raw[("infer4", "held-out", 1)].append({"agg_tps": 50.0, "rep": 0, "run": 1})
+    assert bench.pair_ratios(raw, "infer4", "llama4", "held-out", 1, "agg_tps") == [0.9, 0.9]
+    raw[("llama4", "held-out", 1)].append({"agg_tps": 100.0, "rep": 0, "run": 1})
+    assert bench.pair_ratios(raw, "infer4", "llama4", "held-out", 1, "agg_tps") == [0.9, 0.9, 0.5]
+    assert bench.paired(raw, "infer4", "llama4", "nowhere", 1, "agg_tps") is None
+
+
+def test_bench_serve_interval_brackets_the_paired_median_and_widens_with_noise():
+    from tests.scripts import load_script
+
+    bench = load_script("bench_serve")
+    assert bench.interval([1.0, 1.1, 0.9]) is None  # too few repetitions to say anything
+    tight = [0.99, 1.0, 1.01, 1.0, 0.995, 1.005, 1.0, 0.99]
+    noisy = [0.8, 1.2, 0.85, 1.15, 1.0, 0.9, 1.1, 0.95]
+    lo, hi = bench.interval(tight)
+    assert lo <= 1.0 <= hi and hi - lo <= 0.02
+    lo2, hi2 = bench.interval(noisy)
+    assert lo2 < lo and hi2 > hi and lo2 < 0.95  # this run cannot tell 1.0 from a 0.95 bound
+    assert bench.interval(noisy) == (lo2, hi2)  # seeded: the same table twice
+
+
+def test_bench_serve_asks_for_equal_work_only_when_told():
+    """--ignore-eos sends llama-server's extra so that every answer runs to max_tokens; without
+    it the request is a plain OpenAI one (llama-cpp-python's server gets the same body)."""
+    from tests.scripts import load_script
+
+    bench = load_script("bench_serve")
+    plain = bench.chat_payload("Hi", 128)
+    assert "ignore_eos" not in plain and plain["max_tokens"] == 128 and plain["stream"]
+    assert bench.chat_payload("Hi", 128, ignore_eos=True)["ignore_eos"] is True
+
+
+def test_bench_serve_merge_pools_runs_of_the_same_settings_and_refuses_others(tmp_path):
+    """Two saved runs (one with its table printed before the JSON, as --json does) pool into one
+    table whose paired ratio takes every repetition of both; a run with another max_tokens is
+    refused with one line, as is a file that holds no run."""
+    def doc(mine, theirs, max_tokens=128):
+        load = {"ttft_p50_ms": 100.0, "ttft_p95_ms": 120.0, "wall_s": 5.0, "tokens": 500,
+                "complete": 4, "requests": 4, "usage_reported": True, "server_cpu_pct": 197.0,
+                "loadavg_1m": 1.5}
+        return {"settings": {"model": "m.gguf", "reps": len(mine), "ctx": 8192, "threads": 2,
+                             "max_tokens": max_tokens, "total_s": 60.0},
+                "raw": [{"server": "infer4", "set": "held-out", "clients": 1,
+                         "reps": [{**load, "agg_tps": v, "rep": i} for i, v in enumerate(mine)]},
+                        {"server": "llama4", "set": "held-out", "clients": 1,
+                         "reps": [{**load, "agg_tps": v, "rep": i} for i, v in enumerate(theirs)]}]}
+
+    a, b, c = tmp_path / "a.txt", tmp_path / "b.json", tmp_path / "c.json"
+    a.write_text("| a table |\n" + json.dumps(doc([90.0, 100.0], [100.0, 100.0]), indent=1))
+    b.write_text(json.dumps(doc([120.0, 105.0], [100.0, 100.0])))
+    c.write_text(json.dumps(doc([1.0], [1.0], max_tokens=64)))
+    script = [sys.executable, str(Path(__file__).resolve().parent.parent / "scripts" / "bench_serve.py")]
+    out = subprocess.run([*script, "--merge", str(a), str(b), "--json"], capture_output=True,
+                         text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    assert "median of 4 (pooled from 2 runs) reps" in out.stdout
+    (row,) = json.loads(out.stdout[out.stdout.index("\n{\n") + 1:])["ratios"]
+    assert row["pairs"] == 4 and row["paired"] == (1.0 + 1.05) / 2
+    bad = subprocess.run([*script, "--merge", str(a), str(c)], capture_output=True, text=True, timeout=60)
+    assert bad.returncode != 0 and "another max_tokens" in bad.stderr and "Traceback" not in bad.stderr
+    (tmp_path / "d.txt").write_text("no run here")
+    bad = subprocess.run([*script, "--merge", str(tmp_path / "d.txt")], capture_output=True, text=True,
+                         timeout=60)
+    assert bad.returncode != 0 and "no --json output" in bad.stderr
 
 
 def test_bench_engine_pairs_each_repetition_with_the_native_run_beside_it():
