@@ -37,6 +37,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from benchstats import interval  # noqa: E402
 DEFAULT_MODELS = ["smollm2", "gemma3-270m"]
 METRICS = ("decode", "prefill", "cache", "startup")
 TARGETS = {  # metric: (comparison, bound, text)
@@ -472,16 +475,22 @@ def spread(xs: list[float]) -> str:
     return f" ({short(min(xs))}-{short(max(xs))})" if len(xs) > 1 else ""
 
 
-def paired(s: Series) -> float | None:
-    """The median of each repetition's infer / native, the two runs of a repetition back to back:
-    a VM whose speed drifts within a run moves it less than the ratio of the two medians."""
+def pair_ratios(s: Series) -> list[float]:
+    """Each repetition's infer / native, the two runs of a repetition back to back: a VM whose
+    speed drifts within a run moves them less than the ratio of the two medians."""
     if len(s.native) != len(s.infer):  # a side that failed part-way: no pairs to claim
-        return None
-    return median([i / n for n, i in zip(s.native, s.infer) if n])
+        return []
+    return [i / n for n, i in zip(s.native, s.infer) if n]
+
+
+def paired(s: Series) -> float | None:
+    """The median of ``pair_ratios``."""
+    ratios = pair_ratios(s)
+    return median(ratios) if ratios else None
 
 
 def table(results: dict, startup: Series | None, args) -> tuple[str, list[dict]]:
-    head = ("| model | measure | native / cold | infer / warm | ratio | paired | target | met |\n"
+    head = ("| model | measure | native / cold | infer / warm | ratio | paired [90%] | target | met |\n"
             "|---|---|---|---|---|---|---|---|")
     lines, rows = [head], []
     names = {"decode": "decode t/s (tg128)", "prefill": "prefill t/s (pp512)",
@@ -493,16 +502,17 @@ def table(results: dict, startup: Series | None, args) -> tuple[str, list[dict]]
                 continue
             a, b = median(s.native), median(s.infer)
             ratio = b / a if a and b is not None else None
-            pair = paired(s)
+            pair, band = paired(s), interval(pair_ratios(s))
             unit = " s" if metric == "cache" else ""
             cells = [model, names[metric], fmt(a, unit) + spread(s.native),
-                     fmt(b, unit) + spread(s.infer), fmt(ratio), fmt(pair), TARGETS[metric][2],
+                     fmt(b, unit) + spread(s.infer), fmt(ratio),
+                     fmt(pair) + (" [{}, {}]".format(*map(fmt, band)) if band else ""), TARGETS[metric][2],
                      verdict(metric, ratio)]
             if s.error:
                 cells[3] = "error (below)"
             lines.append("| " + " | ".join(cells) + " |")
             rows.append({"model": model, "metric": metric, "native_median": a, "infer_median": b,
-                         "ratio": ratio, "paired": pair, "target": TARGETS[metric][2],
+                         "ratio": ratio, "paired": pair, "paired_90": band, "target": TARGETS[metric][2],
                          "met": verdict(metric, ratio) == "yes", "error": s.error})
     if startup is not None:
         m = median(startup.infer)
@@ -599,7 +609,8 @@ def main() -> int:
           f"{native_desc}infer run given `{args.infer_args}`\n")
     print(text)
     print("\nratio: of the two medians (what `met` judges); paired: the median of each "
-          "repetition's own ratio, its two runs back to back.")
+          "repetition's own ratio, its two runs back to back, with a 90% bootstrap interval for "
+          "it in square brackets (4 repetitions or more).")
     problems = []
     for model, res in results.items():
         for metric, s in res.items():

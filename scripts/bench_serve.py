@@ -58,6 +58,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT / "scripts"))
+
+from benchstats import interval  # noqa: E402
 HOST = "127.0.0.1"
 DEFAULT_MODEL = ROOT / ".cache/test-home/store/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 NATIVE_BIN = ROOT / ".cache/native/src/build/bin"
@@ -629,21 +632,6 @@ def paired(raw, mine: str, theirs: str, s: str, c: int, field: str) -> float | N
     """The median of ``pair_ratios``; None where no repetition has both."""
     ratios = pair_ratios(raw, mine, theirs, s, c, field)
     return statistics.median(ratios) if ratios else None
-
-
-def interval(ratios: list[float], level: float = 0.90, draws: int = 2000) -> tuple[float, float] | None:
-    """A bootstrap interval for the median of ``ratios`` (resampled with a fixed seed, so a table
-    printed twice reads the same): where it straddles a bound, the run has not resolved the
-    ratio against that bound. None for fewer than four ratios."""
-    import random
-
-    if len(ratios) < 4:
-        return None
-    rng = random.Random(0)
-    meds = sorted(statistics.median(rng.choices(ratios, k=len(ratios))) for _ in range(draws))
-    lo = meds[int((1 - level) / 2 * draws)]
-    hi = meds[min(draws - 1, int((1 + level) / 2 * draws))]
-    return lo, hi
 
 
 def _row(s: str, what: str, c: int, value: float, raw, mine: str, theirs: str, field: str,

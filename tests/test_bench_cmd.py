@@ -318,6 +318,12 @@ def test_bench_engine_pairs_each_repetition_with_the_native_run_beside_it():
     assert "| 0.800 | 0.950 |" in text
     # an infer side that failed part-way: no pairing is claimed
     assert bench.paired(bench.Series(native=[80.0, 100.0], infer=[76.0])) is None
+    # four repetitions or more: the paired ratio comes with its interval
+    s4 = bench.Series(native=[80.0, 100.0, 120.0, 90.0], infer=[76.0, 80.0, 114.0, 85.5])
+    text, (row,) = bench.table({"smollm2": {"path": "m.gguf", "decode": s4}}, None,
+                               type("Args", (), {"cache_tokens": 1500})())
+    lo, hi = row["paired_90"]
+    assert lo <= row["paired"] <= hi and f"| 0.950 [{lo:.3f}, {hi:.3f}] |" in text
 
 
 def test_bench_speculative_counts_the_prompts_whose_runs_decided_alike():
