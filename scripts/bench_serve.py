@@ -26,11 +26,17 @@ with stream_options.include_usage; the number of content chunks where a server s
 summed over the requests / wall time from the first send to the last byte; TTFT (time to the
 first non-empty content delta) p50 and p95; complete responses (HTTP 200, a finish_reason,
 non-empty text). A load is max(--min-requests, clients x --rounds) requests (defaults 8 and 1:
-8, 8 and 16 requests at 1, 4 and 16 clients; so the default run, 3 reps, takes ~15 minutes on 2
-cores). Medians over --reps. Eight requests at 4 clients is the load the llama-cpp-python
-figures of the issue were measured with: its server as it ships lets a new request cut off the
-stream in progress, so what it delivers depends on how many requests cut in, and a load of only
-one wave (4 requests) gives it one survivor's whole answer in the time of little more than one.
+8, 8 and 16 requests at 1, 4 and 16 clients; the default run, every server, 3 reps, takes ~20
+minutes on 2 cores). Medians over --reps, and the median of each repetition's own ratio
+("paired") with a 90% bootstrap interval: where the interval straddles a bound, the run has
+not resolved the ratio against it, and --merge pools saved runs (their --json output) into
+one table to narrow it.
+
+Eight requests at 4 clients is the load of the figure the llama-cpp-python comparison was set
+against (its server: 28 tokens/s, 7 of 8 answers empty). That server as it ships lets each new
+request cut off the stream in progress, so what it delivers depends on how many requests cut
+in; with a single wave of 4, one answer survives whole and the others cost little more than
+their prompts.
 
 At temperature 0 the servers' answers still differ in length: a batch's arithmetic depends on
 which sequences share it, so greedy texts part at near-ties, and with --parallel 4 and 16
@@ -40,6 +46,7 @@ extra both infer and llama-server take), so every server does the same work in e
 
     .venv/bin/python scripts/bench_serve.py [--model PATH] [--reps 3] [--json]
     .venv/bin/python scripts/bench_serve.py --reps 1 --max-tokens 16 --clients 1,4 --servers infer4,llama4
+    .venv/bin/python scripts/bench_serve.py --merge run1.txt run2.txt   # runs saved with --json
 """
 
 from __future__ import annotations
