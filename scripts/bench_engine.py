@@ -40,6 +40,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from benchstats import interval  # noqa: E402
+
 DEFAULT_MODELS = ["smollm2", "gemma3-270m"]
 METRICS = ("decode", "prefill", "cache", "startup")
 TARGETS = {  # metric: (comparison, bound, text)

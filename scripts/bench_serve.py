@@ -68,6 +68,7 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from benchstats import interval  # noqa: E402
+
 HOST = "127.0.0.1"
 DEFAULT_MODEL = ROOT / ".cache/test-home/store/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"
 NATIVE_BIN = ROOT / ".cache/native/src/build/bin"
@@ -588,7 +589,7 @@ def merge(args) -> int:
                   f"{' and '.join(map(str, sizes))} requests", file=sys.stderr)
     args.model, args.ctx, args.threads = Path(first["model"]), first["ctx"], first["threads"]
     args.max_tokens, args.ignore_eos = first["max_tokens"], first.get("ignore_eos", False)
-    args.reps = f"{sum(d['settings']['reps'] for d in docs)} (pooled from {len(docs)} runs)"
+    args.reps = f"{sum(d['settings']['reps'] for d in docs)} reps pooled from {len(docs)} run{'s' if len(docs) > 1 else ''}"
     total_s = sum(d["settings"].get("total_s", 0) for d in docs)
     summary = summarize(raw)
     ratios = compute_ratios(summary, sets, raw)
@@ -645,7 +646,7 @@ def _row(s: str, what: str, c: int, value: float, raw, mine: str, theirs: str, f
          target: str, met: bool) -> dict:
     ratios = pair_ratios(raw, mine, theirs, s, c, field)
     return {"set": s, "what": what, "clients": c, "value": value,
-            "paired": statistics.median(ratios) if ratios else None, "pairs": len(ratios),
+            "paired": statistics.median(ratios) if ratios else None, "pairs": len(ratios),  # as paired()
             "paired_90": interval(ratios), "target": target, "met": met}
 
 
@@ -689,7 +690,8 @@ def print_tables(summary, ratios, sets, args, total_s) -> None:
     print(f"\n`infer serve` vs llama-server vs llama-cpp-python: {args.model.name}, ctx {args.ctx}, "
           f"{args.threads} threads, max_tokens {args.max_tokens}"
           f"{' (EOS ignored)' if args.ignore_eos else ''}, temperature 0, streamed; median "
-          f"of {args.reps} reps; {total_s / 60:.1f} min in all\n")
+          f"of {args.reps if isinstance(args.reps, str) else f'{args.reps} reps'}; "
+          f"{total_s / 60:.1f} min in all\n")
     for s in sets:
         print(f"**{s} prompts**\n")
         print("| server | clients | requests/load | agg tok/s | TTFT p50 ms | TTFT p95 ms | complete "

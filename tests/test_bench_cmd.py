@@ -292,7 +292,7 @@ def test_bench_serve_merge_pools_runs_of_the_same_settings_and_refuses_others(tm
     out = subprocess.run([*script, "--merge", str(a), str(b), "--json"], capture_output=True,
                          text=True, timeout=60)
     assert out.returncode == 0, out.stderr
-    assert "median of 4 (pooled from 2 runs) reps" in out.stdout
+    assert "median of 4 reps pooled from 2 runs;" in out.stdout
     (row,) = json.loads(out.stdout[out.stdout.index("\n{\n") + 1:])["ratios"]
     assert row["pairs"] == 4 and row["paired"] == (1.0 + 1.05) / 2
     bad = subprocess.run([*script, "--merge", str(a), str(c)], capture_output=True, text=True, timeout=60)
