@@ -14,10 +14,10 @@ the acceptance estimate's confidence interval, against one cost figure: what a d
 costs in plain steps, measured over the first rounds (from the model sizes when sampling is
 seeded, so that nothing depends on the clock). A switch-off that rests on the clock's first
 figure alone (at the cheapest of the rounds behind it, or at a figure 20% lower, speculation
-would pay) waits for the figure to be measured again. Switched off, it probes again every so often, measures the cost
-again over the probe's first rounds (the machine's load may have changed since), and switches
-back on when acceptance has recovered. Given the tokens and the cost figures, every decision
-is deterministic.
+would pay) waits for the figure to be measured again. Switched off, it probes again every so
+often, measures the cost again over the probe's first rounds (the machine's load may have
+changed since), and switches back on when acceptance has recovered. Given the tokens and the
+cost figures, every decision is deterministic.
 
 One verdict needs no acceptance evidence: when the first two long rounds each show that even every
 draft taken would hardly beat plain decoding (a draft model nearly as slow as its target, as tiny
