@@ -11,6 +11,9 @@ import sys
 
 
 def main() -> None:
+    from infer_cli.hugepages import reexec
+
+    reexec()  # on Linux, huge pages for the weights need glibc told so at start-up
     try:
         from infer_cli.cli.app import main as app_main
     except KeyboardInterrupt:  # nothing started yet, nothing to undo

@@ -47,7 +47,7 @@ class Options:
     swa_full: bool = False            # llama.cpp's small sliding-window cache unless asked
     gpu_layers: int | None = None     # None: planned (auto); ALL_LAYERS: every layer
     mlock: bool = False
-    mmap: bool = True                 # weights mapped from the file (llama.cpp's default)
+    mmap: bool | None = None          # weights mapped from the file; None: auto (engine.model)
     repack: bool = True               # CPU weights repacked into llama.cpp's interleaved layouts
     warmup: bool = True               # one throw-away decode at load, as llama.cpp's tools do
     rpc: tuple[str, ...] = ()         # RPC workers (HOST:PORT) that hold the offloaded layers

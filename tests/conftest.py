@@ -30,7 +30,8 @@ def isolated_home(tmp_path, monkeypatch):
     home = tmp_path / "infer-home"
     monkeypatch.setenv("INFER_HOME", str(home))
     monkeypatch.setenv("HF_HOME", str(tmp_path / "hf-home"))
-    for var in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_TOKEN", "HF_ENDPOINT", "INFER_DEBUG"):
+    for var in ("HF_HUB_CACHE", "HF_HUB_OFFLINE", "HF_TOKEN", "HF_ENDPOINT", "INFER_DEBUG",
+                "INFER_HUGE_PAGES"):
         monkeypatch.delenv(var, raising=False)
     monkeypatch.setenv("HF_HUB_DISABLE_TELEMETRY", "1")
     return home

@@ -62,7 +62,7 @@ def fit_command(
     # into the shared group by hand rather than through @option_groups
     opts = EngineArgs(ctx=ctx, batch=batch, ubatch=ubatch, cache_type_k=cache_type_k,
                       cache_type_v=cache_type_v, flash_attn=flash_attn, swa_full=swa_full,
-                      gpu_layers=gpu_layers, no_mmap=no_mmap, rpc=rpc,
+                      gpu_layers=gpu_layers, mmap=False if no_mmap else None, rpc=rpc,
                       tensor_split=tensor_split, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe).options(parallel)
     if not opts.n_ctx and (hardware_only or (model is not None and _is_hub_repo(model))):
         opts = fit.replace(opts, n_ctx=default_context(None))

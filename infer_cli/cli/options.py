@@ -42,8 +42,10 @@ NCpuMoeOpt = Annotated[Optional[int], typer.Option(
     "--n-cpu-moe", help="Mixture-of-experts models: keep the routed experts of the first N layers "
     "in RAM (llama.cpp's --n-cpu-moe).", show_default=False)]
 MlockOpt = Annotated[bool, typer.Option("--mlock", help="Lock the weights in RAM.")]
-NoMmapOpt = Annotated[bool, typer.Option(
-    "--no-mmap", help="Read the weights into memory instead of mapping the file.")]
+MmapOpt = Annotated[Optional[bool], typer.Option(
+    "--mmap/--no-mmap", help="Map the weights from the file, or read them into memory. Default: "
+    "read into huge pages where Linux provides them and every layer is on the CPU (faster "
+    "decoding; INFER_HUGE_PAGES=0 turns that off), else mapped.", show_default=False)]
 NoRepackOpt = Annotated[bool, typer.Option(
     "--no-repack", help="Keep CPU weights in the file's layout instead of llama.cpp's interleaved "
     "one (slower on most CPUs; the layout an RPC worker or another machine computes with).")]
@@ -187,7 +189,7 @@ class EngineArgs(OptionGroup):
     cpu_moe: CpuMoeOpt = False
     n_cpu_moe: NCpuMoeOpt = None
     mlock: MlockOpt = False
-    no_mmap: NoMmapOpt = False
+    mmap: MmapOpt = None
     no_repack: NoRepackOpt = False
     rpc: RpcOpt = None
     tensor_split: TensorSplitOpt = None
@@ -201,7 +203,7 @@ class EngineArgs(OptionGroup):
                        threads=self.threads, cache_type_k=self.cache_type_k.lower(),
                        cache_type_v=self.cache_type_v.lower(), flash_attn=self.flash_attn.lower(),
                        swa_full=self.swa_full, gpu_layers=parse_gpu_layers(self.gpu_layers),
-                       mlock=self.mlock, mmap=not self.no_mmap, repack=not self.no_repack,
+                       mlock=self.mlock, mmap=self.mmap, repack=not self.no_repack,
                        rpc=parse_rpc(self.rpc),
                        tensor_split=parse_tensor_split(self.tensor_split),
                        n_cpu_moe=parse_cpu_moe(self.cpu_moe, self.n_cpu_moe))

@@ -21,6 +21,34 @@ def load_mode(mmap: bool, mlock: bool) -> int:
     return L.LLAMA_LOAD_MODE_MLOCK if mlock else L.LLAMA_LOAD_MODE_NONE
 
 
+def weights_mapped(opts: Options, path: Path) -> bool:
+    """Whether the weights are mapped from the file (``opts.mmap``; None: decided here).
+
+    Left to us, CPU-only weights are read into memory where the process has huge pages (see
+    infer_cli.hugepages): decoding streams them every token, and runs faster from 2 MiB pages
+    than from the file's 4 KiB ones. The mapping stays where it serves better: layers on a GPU
+    or RPC workers (the host copy is only a staging area), and a file that would take more than
+    half the memory now available (mapped pages can be dropped and read again; read ones
+    cannot)."""
+    if opts.mmap is not None:
+        return opts.mmap
+    from infer_cli import hugepages
+
+    if opts.rpc or not hugepages.active():
+        return True
+    import llama_cpp
+
+    if opts.gpu_layers and llama_cpp.llama_supports_gpu_offload():
+        return True
+    import psutil
+
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return True
+    return size > psutil.virtual_memory().available // 2
+
+
 def default_threads() -> int:
     import psutil
 
@@ -94,8 +122,9 @@ class Model:
         L.llama_backend_init()
         params = L.llama_model_default_params()
         params.n_gpu_layers = opts.gpu_layers or 0  # None (auto) is resolved by the caller's plan
-        if not opts.mmap or opts.mlock:  # else llama.cpp's own default (mmap where it can)
-            params.load_mode = load_mode(opts.mmap, opts.mlock)
+        self.mmap = weights_mapped(opts, self.path)
+        if not self.mmap or opts.mlock:  # else llama.cpp's own default (mmap where it can)
+            params.load_mode = load_mode(self.mmap, opts.mlock)
         if not opts.repack:  # llama.cpp's --no-repack: no "extra" CPU buffer types
             params.use_extra_bufts = False
         self.rpc = None

@@ -543,7 +543,7 @@ def memory(m: Model, hw: Hardware, o: Options, gpu_layers: int) -> tuple[Memory,
     out_dev.weights += m.output_bytes
     if not out_on_gpu:
         cpu.weights -= m.tied_bytes  # the output is the token embedding itself
-    if o.mmap and gpu_layers:
+    if o.mmap is not False and gpu_layers:
         # the mapping spans from the first to the last CPU tensor in file order
         groups = {-1, *range(first_gpu)} | (set() if out_on_gpu else {-2})
         span = m.mapped_span(groups, moe_gpu)

@@ -165,7 +165,7 @@ def memory(m: fit.Model, o: Options, devices: list[WorkerDevice], gpu_layers: in
         plans[out].output = True
         plans[out].memory.weights += m.output_bytes
     cpu_groups = {-1, *(il for il in range(m.n_layer) if where[il] < 0)} | ({-2} if out < 0 else set())
-    if o.mmap and any(w >= 0 for w in where):
+    if o.mmap is not False and any(w >= 0 for w in where):
         span = m.mapped_span(cpu_groups)
         if span is not None:
             cpu.weights = max(cpu.weights, span)
