@@ -115,3 +115,30 @@ def test_the_console_script_starts_again_and_keeps_its_input(smollm2_in_home, in
     assert r.stdout.strip()
     r = infer("run", "smollm2", "--raw", "--temp", "0", "-n", "4", "Hello", env={"INFER_DEBUG": "1", "INFER_HUGE_PAGES": "0"})
     assert r.returncode == 0 and "CPU_Mapped" in r.stderr
+
+
+def test_which_weights_stay_mapped(smollm2_gguf, monkeypatch, tmp_path):
+    """Auto reads the weights only where the process has huge pages, nothing is offloaded, and
+    the files take at most half the memory available; an explicit choice always wins."""
+    from infer_cli.engine.model import weights_mapped
+    from infer_cli.options import Options
+
+    files = (smollm2_gguf,)
+    monkeypatch.setattr(hugepages, "active", lambda: True)
+    assert weights_mapped(Options(), files) is False
+    assert weights_mapped(Options(mmap=True), files) is True
+    assert weights_mapped(Options(rpc=("127.0.0.1:50052",)), files) is True
+    assert weights_mapped(Options(), (tmp_path / "gone.gguf",)) is True
+    import psutil
+
+    size = smollm2_gguf.stat().st_size
+    fake = type("VM", (), {"available": 2 * size - 1})
+    monkeypatch.setattr(psutil, "virtual_memory", lambda: fake)
+    assert weights_mapped(Options(), files) is True  # over half of what is available
+    assert weights_mapped(Options(), (tmp_path / "gone.gguf",)) is True
+    fake.available = 4 * size
+    assert weights_mapped(Options(), files) is False
+    assert weights_mapped(Options(), files * 3) is True  # every shard counts
+    monkeypatch.setattr(hugepages, "active", lambda: False)
+    assert weights_mapped(Options(), files) is True
+    assert weights_mapped(Options(mmap=False), files) is False

@@ -6,6 +6,7 @@ import ctypes
 import os
 import time
 from pathlib import Path
+from typing import Sequence
 
 from infer_cli.engine import llama_log
 from infer_cli.errors import ModelLoadFailed
@@ -21,7 +22,7 @@ def load_mode(mmap: bool, mlock: bool) -> int:
     return L.LLAMA_LOAD_MODE_MLOCK if mlock else L.LLAMA_LOAD_MODE_NONE
 
 
-def weights_mapped(opts: Options, path: Path) -> bool:
+def weights_mapped(opts: Options, paths: Sequence[str | Path]) -> bool:
     """Whether the weights are mapped from the file (``opts.mmap``; None: decided here).
 
     Left to us, CPU-only weights are read into memory where the process has huge pages (see
@@ -43,7 +44,7 @@ def weights_mapped(opts: Options, path: Path) -> bool:
     import psutil
 
     try:
-        size = path.stat().st_size
+        size = sum(os.path.getsize(p) for p in paths)  # every shard of a split model
     except OSError:
         return True
     return size > psutil.virtual_memory().available // 2
@@ -122,7 +123,7 @@ class Model:
         L.llama_backend_init()
         params = L.llama_model_default_params()
         params.n_gpu_layers = opts.gpu_layers or 0  # None (auto) is resolved by the caller's plan
-        self.mmap = weights_mapped(opts, self.path)
+        self.mmap = weights_mapped(opts, info.paths or (self.path,))
         if not self.mmap or opts.mlock:  # else llama.cpp's own default (mmap where it can)
             params.load_mode = load_mode(self.mmap, opts.mlock)
         if not opts.repack:  # llama.cpp's --no-repack: no "extra" CPU buffer types
