@@ -2,7 +2,7 @@
 
 Every decoded token reads every weight once. With 4 KiB pages that stream costs a TLB miss every
 4 KiB; with 2 MiB pages it almost never does, and a CPU-bound decode runs measurably faster
-(scripts/bench_engine.py: Gemma 3 270M and SmolLM2 decode 6-10% faster than with mapped weights).
+(Gemma 3 270M and SmolLM2 here: decode 3-7% faster than with the weights mapped).
 
 Linux gives huge pages to anonymous memory that asks for them (``madvise``, the kernel's
 default THP mode on most distributions), but llama.cpp never asks, and weights mapped from a
