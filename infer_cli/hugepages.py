@@ -50,13 +50,21 @@ def glibc_version() -> tuple[int, int] | None:
 
 
 def _asked(env) -> bool:
-    return any(p.split("=", 1)[0] == TUNABLE and p.split("=", 1)[-1] not in ("", "0")
-               for p in env.get("GLIBC_TUNABLES", "").split(":"))
+    """Whether GLIBC_TUNABLES already turns glibc's huge-page tunable on."""
+    for part in env.get("GLIBC_TUNABLES", "").split(":"):
+        name, _, value = part.partition("=")
+        if name == TUNABLE and value not in ("", "0"):
+            return True
+    return False
+
+
+def _allowed(env) -> bool:
+    return sys.platform.startswith("linux") and env.get("INFER_HUGE_PAGES") != "0"
 
 
 def active(env=os.environ, mode: str | None = None) -> bool:
     """Whether this process's large allocations get huge pages."""
-    if not sys.platform.startswith("linux") or env.get("INFER_HUGE_PAGES") == "0":
+    if not _allowed(env):
         return False
     mode = mode if mode is not None else thp_mode()
     return mode == "always" or (mode == "madvise" and _asked(env))
@@ -69,7 +77,7 @@ def _command(argv: list[str]) -> str | None:
 def wanted(argv: list[str], env=os.environ, mode: str | None = None,
            glibc: tuple[int, int] | None = None) -> bool:
     """Whether ``infer ARGV`` should start again with the tunable set."""
-    if not sys.platform.startswith("linux") or env.get("INFER_HUGE_PAGES") == "0":
+    if not _allowed(env):
         return False
     if _command(argv) not in MODEL_COMMANDS or "--help" in argv or _asked(env):
         return False

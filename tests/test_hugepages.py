@@ -56,10 +56,6 @@ def test_thp_mode_reads_the_bracketed_word(tmp_path):
     assert hugepages.thp_mode(str(tmp_path / "absent")) is None
 
 
-def _buffers(lines):
-    return [ln for ln in lines if "model buffer size" in ln]
-
-
 @linux_only
 def test_the_engine_reads_cpu_weights_into_huge_pages(smollm2_gguf):
     """In a process started with the tunable (as the console script starts itself), the default
